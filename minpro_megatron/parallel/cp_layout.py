@@ -22,9 +22,9 @@ __all__ = ["ZigzagLayout", "padded_lengths"]
 
 
 def padded_lengths(seqlens: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Round each length up to ``multiple`` (at least one full multiple, so empty sequences keep a slot)."""
+    """Round each length up to a multiple of ``multiple``."""
     seqlens = torch.as_tensor(seqlens, dtype=torch.int64)
-    return torch.clamp((seqlens + multiple - 1) // multiple, min=1) * multiple
+    return (seqlens + multiple - 1) // multiple * multiple
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,8 +55,9 @@ class ZigzagLayout:
             raise ValueError(f"ZigzagLayout.cp_size must be >= 1, got {self.cp_size}")
         if not 0 <= self.cp_rank < self.cp_size:
             raise ValueError(f"ZigzagLayout.cp_rank={self.cp_rank} is outside [0, cp_size={self.cp_size})")
-        if (seqlens < 0).any():
-            raise ValueError("ZigzagLayout.seqlens must be non-negative")
+        if (seqlens < 1).any():
+            bad = int(torch.nonzero(seqlens < 1)[0])
+            raise ValueError(f"ZigzagLayout.seqlens[{bad}] = {int(seqlens[bad])}: every packed sequence needs >= 1 token")
         if self.pad_multiple < 1:
             raise ValueError(f"ZigzagLayout.pad_multiple must be >= 1, got {self.pad_multiple}")
 
@@ -159,6 +160,31 @@ class ZigzagLayout:
     def local_valid(self) -> torch.Tensor:
         """True for real tokens, False for the padding added for the CP split."""
         return self.local_positions < self.seqlens[self.local_seq_ids]
+
+    @cached_property
+    def has_padding(self) -> bool:
+        return bool((self.padded_seqlens != self.seqlens).any())
+
+    @cached_property
+    def local_segment_starts(self) -> torch.Tensor:
+        """True at the first local token of each (sequence, chunk) segment."""
+        seg = self.local_segment_ids
+        starts = torch.ones_like(seg, dtype=torch.bool)
+        starts[1:] = seg[1:] != seg[:-1]
+        return starts
+
+    @cached_property
+    def local_segment_last(self) -> torch.Tensor:
+        """Index of the last local token of each segment (segments are never empty)."""
+        seg = self.local_segment_ids
+        ends = torch.ones_like(seg, dtype=torch.bool)
+        ends[:-1] = seg[1:] != seg[:-1]
+        return torch.nonzero(ends).flatten()
+
+    @cached_property
+    def local_carry_index(self) -> torch.Tensor:
+        """seq * num_chunks + chunk of each local token (row of a flattened [S, num_chunks] table)."""
+        return self.local_seq_ids * self.num_chunks + self.local_chunk_of_token
 
     @property
     def num_local_segments(self) -> int:
