@@ -15,6 +15,7 @@ from typing import Iterable, Literal
 
 from minpro_megatron.config_base import ConfigError, load_yaml_config, to_dict
 from minpro_megatron.losses.config import LossConfig
+from minpro_megatron.slurm.config import SlurmConfig
 
 __all__ = [
     "ModelConfig",
@@ -26,6 +27,7 @@ __all__ = [
     "DataConfig",
     "LoggingConfig",
     "CheckpointConfig",
+    "SlurmConfig",
     "RunConfig",
     "load_config",
     "ConfigError",
@@ -142,19 +144,54 @@ class RolloutConfig:
     num_servers: int = 1
     server_urls: list[str] = field(default_factory=list)  # attach to servers the user runs
     use_router: bool = True
+    router_url: str | None = None  # attach to a router the user runs (else one is started when use_router)
+    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
     host: str = "127.0.0.1"
-    base_port: int = 30100
-    router_port: int = 30090
+    base_port: int = 30100  # server i listens on base_port + i; 0 = free ports
+    router_port: int = 30090  # 0 = a free port
     server_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    server_device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the host has a GPU
+    server_tp_size: int = 1
+    server_max_total_tokens: int | None = None  # None: 4096 on CPU (recipes.md), SGLang's default on GPU
+    server_extra_args: list[str] = field(default_factory=list)  # appended to sglang.launch_server
+    server_startup_timeout_s: float = 240.0
+    restart_dead_servers: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 16
     max_concurrency: int = 64
     request_retries: int = 3
+    request_timeout_s: float = 600.0
     weight_transport: Literal["distributed", "disk", "tensor"] = "distributed"
     bucket_mb: int = 512
+    pause_mode: Literal["abort", "retract"] = "abort"  # abort: in-flight requests are retried by the client
+    weight_sync_timeout_s: float = 300.0
+    weight_sync_master_address: str = "127.0.0.1"  # the trainer's address as the servers reach it (multi-node: its IP)
     verify_threshold: float | None = None  # max |logp diff| allowed after a sync (None: report only)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
+
+    def validate(self) -> None:
+        if not self.server_urls and self.num_servers < 1:
+            raise ConfigError(f"rollout.num_servers={self.num_servers} must be >= 1 (or list rollout.server_urls)")
+        for i, url in enumerate(self.server_urls + ([self.router_url] if self.router_url else [])):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"rollout URL {url!r} must start with http:// (e.g. http://127.0.0.1:30100)")
+        for name in ("base_port", "router_port"):
+            port = getattr(self, name)
+            if port != 0 and not 1024 <= port <= 65535:
+                raise ConfigError(f"rollout.{name}={port} must be 0 (a free port) or in 1024..65535")
+        for name in ("max_concurrency", "bucket_mb", "server_tp_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        if self.request_retries < 0:
+            raise ConfigError(f"rollout.request_retries={self.request_retries} must be >= 0")
+        if self.weight_transport == "tensor" and self.server_device == "cpu":
+            raise ConfigError(
+                "rollout.weight_transport=tensor needs colocated GPU servers (CUDA IPC); on CPU use "
+                "'distributed' (gloo) or 'disk'"
+            )
+        if self.verify_threshold is not None and self.verify_threshold < 0:
+            raise ConfigError(f"rollout.verify_threshold={self.verify_threshold} must be >= 0 or null")
 
 
 @dataclass
@@ -180,6 +217,7 @@ class TrainConfig:
     warm_start_steps: int = 0  # supervised steps before RL (embedded default)
     warm_start_lr: float = 1e-3
     advantage_eps: float = 1e-6
+    eval_interval: int = 0  # RL steps between greedy evaluations on the held-out set (0: start only)
 
 
 @dataclass
@@ -208,6 +246,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # read only by the Slurm launcher
 
     def validate(self, world_size: int | None = None) -> None:
         self.model.validate()

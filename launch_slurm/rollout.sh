@@ -1,0 +1,47 @@
+#!/bin/bash
+# One rollout node: SERVERS_PER_NODE SGLang servers of ROLLOUT_TP GPUs each (and the router on the
+# first rollout node). Run by the job script as one Slurm task per rollout node:
+#   srun --ntasks=$N_ROLLOUT --ntasks-per-node=1 bash rollout.sh ROLLOUT_DIR [extra server args...]
+# Needs PYTHON, MASTER_ADDR, ROLLOUT_MODEL, ROLLOUT_TP, SERVERS_PER_NODE, ROLLOUT_BASE_PORT,
+# SERVER_MODULE and ROUTER_PORT (empty: no router) from the job script.
+# Writes ROLLOUT_DIR/urls-NODE.txt once its servers are launched; FAILED-NODE if one of them exits.
+set -euo pipefail
+ROLLOUT_DIR=$1; shift
+NODE=${SLURMD_NODENAME:-$(hostname -s)}
+
+# Serve on the interface the learner reaches us through (MINPRO_NODE_IP), not on every interface
+eval "$("$PYTHON" -m minpro_megatron.slurm.netif --export "$MASTER_ADDR")"
+
+IFS=, read -ra GPUS <<<"${CUDA_VISIBLE_DEVICES:-}"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+: >"$ROLLOUT_DIR/urls-$NODE.tmp"
+for ((i = 0; i < SERVERS_PER_NODE; i++)); do
+  # ports are offset per node so that emulated nodes sharing one host do not collide
+  port=$((ROLLOUT_BASE_PORT + SLURM_NODEID * SERVERS_PER_NODE + i))
+  devices=$(IFS=,; echo "${GPUS[*]:i*ROLLOUT_TP:ROLLOUT_TP}")
+  CUDA_VISIBLE_DEVICES=$devices "$PYTHON" -m "$SERVER_MODULE" --model-path "$ROLLOUT_MODEL" \
+    --tp "$ROLLOUT_TP" --host "$MINPRO_NODE_IP" --port "$port" "$@" \
+    >"$ROLLOUT_DIR/server-$NODE-$i.log" 2>&1 &
+  pids+=($!)
+  echo "http://$MINPRO_NODE_IP:$port" >>"$ROLLOUT_DIR/urls-$NODE.tmp"
+  echo "[$(date +%T)] $NODE: server $i on port $port, GPUs '${devices}', log server-$NODE-$i.log"
+done
+mv "$ROLLOUT_DIR/urls-$NODE.tmp" "$ROLLOUT_DIR/urls-$NODE.txt"  # complete list, atomically
+
+if [ -n "${ROUTER_PORT:-}" ] && [ "$SLURM_NODEID" = 0 ]; then
+  # the job script writes server_urls.txt once every server answers /health
+  until [ -f "$ROLLOUT_DIR/server_urls.txt" ]; do sleep 1; done
+  mapfile -t urls <"$ROLLOUT_DIR/server_urls.txt"
+  "$PYTHON" -m sglang_router.launch_router --worker-urls "${urls[@]}" \
+    --host "$MINPRO_NODE_IP" --port "$ROUTER_PORT" \
+    --prometheus-host "$MINPRO_NODE_IP" --prometheus-port $((ROUTER_PORT + 1)) >"$ROLLOUT_DIR/router.log" 2>&1 &
+  pids+=($!)
+  echo "http://$MINPRO_NODE_IP:$ROUTER_PORT" >"$ROLLOUT_DIR/router_url.txt"
+  echo "[$(date +%T)] $NODE: router on port $ROUTER_PORT over ${#urls[@]} server(s)"
+fi
+
+# Run until a server dies (then tell the job script) or Slurm ends the step
+rc=0; wait -n "${pids[@]}" || rc=$?
+echo "a rollout process on $NODE exited with $rc" | tee "$ROLLOUT_DIR/FAILED-$NODE" >&2
+exit 1

@@ -1,0 +1,121 @@
+"""Read scalars back from TensorBoard event files (tensorboard's own reader) and turn them into
+tables (Markdown / CSV) and PNG plots: the run summary of the trainer and the staleness-sweep report."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+__all__ = ["read_scalars", "summary_rows", "write_markdown_table", "write_csv", "plot_runs"]
+
+
+def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} from every event file under ``log_dir`` (later writes win per step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out: dict[str, list[tuple[int, float]]] = {}
+    for tag in acc.Tags().get("scalars", []):
+        by_step = {e.step: e.value for e in acc.Scalars(tag)}
+        out[tag] = sorted(by_step.items())
+    return out
+
+
+def _window_mean(points: Sequence[tuple[int, float]], first: bool, k: int) -> float:
+    vals = [v for _, v in (points[:k] if first else points[-k:]) if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def summary_rows(scalars: Mapping[str, Sequence[tuple[int, float]]], tags: Iterable[str], window: int = 5) -> list[dict]:
+    """Per tag: first-window mean, last-window mean, min, max, number of points."""
+    rows = []
+    for tag in tags:
+        pts = scalars.get(tag, [])
+        vals = [v for _, v in pts if not math.isnan(v)]
+        rows.append(
+            {
+                "metric": tag,
+                "first": _window_mean(pts, True, window),
+                "last": _window_mean(pts, False, window),
+                "min": min(vals) if vals else math.nan,
+                "max": max(vals) if vals else math.nan,
+                "points": len(pts),
+            }
+        )
+    return rows
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def write_markdown_table(rows: Sequence[Mapping[str, object]], path: str | Path | None = None, title: str = "") -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    lines = ([f"## {title}", ""] if title else []) + [
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+        *("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows),
+    ]
+    text = "\n".join(lines) + "\n"
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def write_csv(rows: Sequence[Mapping[str, object]], path: str | Path) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_runs(
+    runs: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]],
+    tags: Sequence[str],
+    path: str | Path,
+    title: str = "",
+    smooth: int = 1,
+) -> Path:
+    """One panel per tag, one line per run. ``runs``: {label: read_scalars(...)}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(tags)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+    for ax, tag in zip(axes.flat, tags):
+        for label, scalars in runs.items():
+            pts = scalars.get(tag, [])
+            if not pts:
+                continue
+            steps = [s for s, _ in pts]
+            vals = [v for _, v in pts]
+            if smooth > 1:
+                vals = [sum(vals[max(0, i - smooth + 1) : i + 1]) / len(vals[max(0, i - smooth + 1) : i + 1]) for i in range(len(vals))]
+            ax.plot(steps, vals, label=label, lw=1.4)
+        ax.set_title(tag, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 0.95 if title else 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,65 @@
+"""Metrics sink of the driver rank: TensorBoard event files plus a JSONL copy (easy to diff and grep).
+
+Every metric the trainer produces goes through ``MetricsWriter.scalars``; names are "section/metric"
+(e.g. "loss/clip_frac_high", "rollout/reward_mean"). Non-finite values are written too (TensorBoard
+shows them as gaps), so a NaN is visible instead of silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping
+
+__all__ = ["MetricsWriter"]
+
+
+class MetricsWriter:
+    def __init__(self, log_dir: str | Path, enabled: bool = True, tensorboard: bool = True, purge_step: int | None = None) -> None:
+        self.enabled = enabled
+        self.log_dir = Path(log_dir)
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events at or after the resume step left by a killed run, so curves do not fork.
+            self._tb = SummaryWriter(str(self.log_dir), purge_step=purge_step)
+        self._jsonl = open(self.log_dir / "metrics.jsonl", "a")
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+        if self._tb is not None:
+            for name, value in clean.items():
+                self._tb.add_scalar(name, value, global_step=step)
+        if self._jsonl is not None:
+            row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+
+    def histogram(self, step: int, name: str, counts: Mapping[int, int]) -> None:
+        """A histogram of integer buckets (e.g. token age -> count)."""
+        if not self.enabled or self._tb is None or not counts:
+            return
+        import numpy as np
+
+        values = np.repeat(np.array(list(counts.keys()), dtype=np.float64), list(counts.values()))
+        self._tb.add_histogram(name, values, global_step=step, bins=np.arange(min(counts) - 0.5, max(counts) + 1.5))
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None

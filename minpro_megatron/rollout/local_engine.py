@@ -1,0 +1,124 @@
+"""In-process rollout engine: samples with the learner's own Megatron model.
+
+Every rank of the job calls ``generate`` with its data-parallel shard of prompts (SPMD, like the learner):
+each decoding step runs one forward-only pass over all unfinished sequences (no KV cache: the engine is
+for tiny models, tests and runs without SGLang), the last pipeline stage samples from the
+temperature-scaled distribution with a generator seeded identically on its TP/CP ranks, and the tokens
+are broadcast to the other stages. Behaviour log-probs are log_softmax(logits / temperature) of the
+sampled token, the same scaling the learner's log-prob code uses; samples are tagged with the weight
+version the learner holds, so every staleness mode works without SGLang.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.distributed as dist
+
+from minpro_megatron.rollout.types import RolloutSample, SamplingParams, WeightVersionSpan
+
+if TYPE_CHECKING:
+    from minpro_megatron.learner.learner import Learner
+
+__all__ = ["LocalEngine"]
+
+
+class LocalEngine:
+    def __init__(self, learner: "Learner", eos_token_id: int, seed: int = 0) -> None:
+        self.learner = learner
+        self.eos_token_id = eos_token_id
+        self.seed = seed
+        self.version = 0
+        self._calls = 0
+
+    def update_weights(self, version: int) -> dict[str, float]:
+        """The learner's weights are the engine's: only the version tag moves (no bytes, no time)."""
+        self.version = version
+        return {"version": float(version), "bytes": 0.0}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"version": self.version, "calls": self._calls, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.version, self._calls, self.seed = state["version"], state["calls"], state["seed"]
+
+    def close(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[RolloutSample]]:
+        """``params.n`` samples for each prompt (one group per prompt, in prompt order)."""
+        params.validate()
+        ps = self.learner.ps
+        self._calls += 1
+        # Same stream on the TP / CP / PP ranks of one DP rank, different across DP ranks and calls.
+        gen = torch.Generator().manual_seed(hash((self.seed, self._calls, ps.get_data_parallel_rank())) % (2**63))
+        seqs = [list(p) for p in prompts for _ in range(params.n)]
+        n_prompt = [len(s) for s in seqs]
+        logps: list[list[float]] = [[] for _ in seqs]
+        finish: list[str | None] = [None] * len(seqs)
+        stops = set(params.stop_token_ids) | ({self.eos_token_id} if not params.ignore_eos else set())
+        for _ in range(params.max_new_tokens):
+            active = [i for i, f in enumerate(finish) if f is None]
+            if not active:
+                break
+            logits = self.learner.last_token_logits([torch.tensor(seqs[i]) for i in active])
+            tokens, token_logp = self._sample(logits, params, gen, len(active))
+            for j, i in enumerate(active):
+                seqs[i].append(int(tokens[j]))
+                logps[i].append(float(token_logp[j]))
+                if int(tokens[j]) in stops:
+                    finish[i] = "stop"
+        out: list[list[RolloutSample]] = []
+        for p_idx in range(len(prompts)):
+            group = []
+            for k in range(params.n):
+                i = p_idx * params.n + k
+                resp = seqs[i][n_prompt[i]:]
+                group.append(
+                    RolloutSample(
+                        prompt_index=p_idx,
+                        sample_index=k,
+                        prompt_ids=seqs[i][: n_prompt[i]],
+                        response_ids=resp,
+                        logprobs=logps[i],
+                        weight_versions=[self.version] * len(resp),
+                        finish_reason=finish[i] or "length",  # type: ignore[arg-type]
+                        server_url="local",
+                        version_spans=[WeightVersionSpan(self.version, 0, len(resp))],
+                    )
+                )
+            out.append(group)
+        return out
+
+    def _sample(
+        self, logits: torch.Tensor | None, params: SamplingParams, gen: torch.Generator, count: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ps = self.learner.ps
+        result = torch.empty((2, count), dtype=torch.float64)
+        if logits is not None:
+            temperature = params.temperature if params.temperature > 0 else 1.0
+            logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+            if params.temperature == 0:
+                tokens = torch.argmax(logp_all, dim=-1)
+            else:
+                probs = _top_k_top_p(logp_all.exp(), params.top_k, params.top_p)
+                tokens = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            result[0] = tokens.double()
+            result[1] = logp_all.gather(1, tokens[:, None]).squeeze(1).double()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(result, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        return result[0].long(), result[1]
+
+
+def _top_k_top_p(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0:
+        kth = torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1).values[:, -1:]
+        probs = torch.where(probs < kth, 0.0, probs)
+    if top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+        keep_sorted = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p  # always keeps the top token
+        keep = torch.zeros_like(keep_sorted).scatter(1, idx, keep_sorted)
+        probs = torch.where(keep, probs, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)

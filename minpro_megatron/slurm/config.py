@@ -1,0 +1,86 @@
+"""The ``slurm:`` section of the run config: how a run is laid out on cluster nodes.
+
+Only the launcher reads it (``minpro_megatron.slurm.submit``); the trainer ignores it. The ``memory``
+subsection holds the inputs of the per-GPU memory estimate that are not part of the model or batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["SlurmConfig", "MemoryEstimateConfig"]
+
+
+@dataclass
+class MemoryEstimateConfig:
+    """Inputs of ``slurm.memory.estimate_learner_memory`` (printed by the dry run).
+
+    seq_len: tokens of one packed training sequence (prompt + response).
+    recompute: "full" keeps only each layer's input between forward and backward.
+    gpu_memory_gib: usable memory of one GPU (H100 80GB: 79.1 GiB as reported by the driver).
+    overhead_gib: CUDA context, NCCL buffers and allocator fragmentation, a flat allowance.
+    """
+
+    seq_len: int = 4096
+    recompute: Literal["none", "full"] = "none"
+    grad_dtype: Literal["float32", "bfloat16"] = "float32"  # Megatron's main grads are fp32 for bf16 runs
+    gpu_memory_gib: float = 79.1
+    overhead_gib: float = 4.0
+    rollout_mem_fraction: float = 0.85  # SGLang --mem-fraction-static: weights + KV cache share
+
+
+@dataclass
+class SlurmConfig:
+    """Nodes, resources and launch options of a Slurm job.
+
+    The job allocates ``learner_nodes + rollout_nodes`` nodes; the first ``learner_nodes`` run the
+    SPMD trainer (one torchrun per node, ``procs_per_node`` ranks each), the last ``rollout_nodes`` run
+    ``gpus_per_node // rollout_tp`` SGLang servers each (and the router on the first of them).
+    """
+
+    job_name: str = "minpro"
+    output_root: str = "slurm_runs"  # run directories go under it: <output_root>/<job_name>
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "04:00:00"
+    learner_nodes: int = 1
+    rollout_nodes: int = 0
+    gpus_per_node: int = 8  # 0: a CPU cluster (no --gpus-per-node request)
+    procs_per_node: int | None = None  # learner ranks per node; None: one per GPU
+    cpus_per_node: int | None = None  # --cpus-per-task of the per-node launcher; None: the whole node
+    exclusive: bool = True
+    extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--constraint=h100", "--mem=0"]
+    # Launch environment
+    python: str | None = None  # None: the submitting interpreter (or "python" inside a container)
+    setup: list[str] = field(default_factory=list)  # shell lines run first (module load, venv activate)
+    env: dict[str, str] = field(default_factory=dict)  # exported; NCCL_SOCKET_IFNAME here beats detection
+    container_image: str | None = None  # pyxis/enroot: srun --container-image
+    container_mounts: list[str] = field(default_factory=list)  # "src:dst[:flags]"; the run root is added
+    container_workdir: str | None = None
+    master_port: int = 29500
+    program: Literal["train", "doctor"] = "train"  # doctor: the distributed health check instead
+    program_args: list[str] = field(default_factory=list)  # extra arguments before CONFIG (doctor options)
+    # Rollout fleet
+    rollout_model: str | None = None  # SGLang --model-path; None: model.hf_path
+    rollout_tp: int = 1
+    rollout_servers_per_node: int | None = None  # None: gpus_per_node // rollout_tp
+    rollout_server_args: list[str] = field(default_factory=list)  # appended to every server's command
+    rollout_server_module: str = "sglang.launch_server"
+    rollout_ready_timeout_s: int = 1800
+    # Preemption and resume
+    requeue: bool = True
+    signal_seconds: int = 120  # USR1 this long before the time limit: save, then requeue
+    # Sweeps (job arrays)
+    array_max_parallel: int | None = None  # the %N throttle of --array
+    collect_command: str = "{python} -m minpro_megatron.sweep collect {runs_dir}"
+    memory: MemoryEstimateConfig = field(default_factory=MemoryEstimateConfig)
+
+    def ranks_per_node(self) -> int:
+        return self.procs_per_node if self.procs_per_node is not None else self.gpus_per_node
+
+    def servers_per_node(self) -> int:
+        if self.rollout_servers_per_node is not None:
+            return self.rollout_servers_per_node
+        return self.gpus_per_node // self.rollout_tp if self.rollout_tp > 0 else 0

@@ -1,0 +1,91 @@
+"""Wait for the rollout fleet of a Slurm job and publish its URLs for the trainer.
+
+    python -m minpro_megatron.slurm.fleet wait ROLLOUT_DIR --servers 16 [--router] [--timeout 1800]
+
+Each rollout node writes ``urls-NODE.txt`` (its servers) when it has launched them and ``FAILED-NODE``
+if one exits (see launch_slurm/rollout.sh). This waits until ``--servers`` URLs are listed and every one
+answers GET /health with 200, then writes ``server_urls.txt`` (one URL per line; the job script passes
+them as ``rollout.server_urls``), and with ``--router`` waits for ``router_url.txt`` and the router's
+/health. Polling instead of fixed sleeps: a model load takes from seconds to many minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+__all__ = ["listed_urls", "healthy", "wait_for_fleet", "main"]
+
+
+def listed_urls(rollout_dir: Path) -> list[str]:
+    urls: list[str] = []
+    for f in sorted(rollout_dir.glob("urls-*.txt")):
+        urls += [line.strip() for line in f.read_text().splitlines() if line.strip()]
+    return urls
+
+
+def healthy(url: str, timeout: float = 5.0) -> bool:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _failed(rollout_dir: Path) -> None:
+    failed = sorted(rollout_dir.glob("FAILED-*"))
+    if failed:
+        logs = ", ".join(str(p) for p in sorted(rollout_dir.glob("*.log")))
+        raise RuntimeError(f"rollout node failed: {failed[0].read_text().strip()} (logs: {logs})")
+
+
+def wait_for_fleet(rollout_dir: Path, servers: int, router: bool, timeout: float, poll: float = 1.0) -> list[str]:
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    pending: list[str] = []
+    while True:
+        _failed(rollout_dir)
+        urls = listed_urls(rollout_dir)
+        if len(urls) >= servers:
+            pending = [u for u in urls if not healthy(u)]
+            if not pending:
+                break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rollout fleet not ready after {timeout:.0f} s: {len(urls)}/{servers} servers "
+                               f"listed, not healthy: {pending or 'n/a'}; see the logs in {rollout_dir}")
+        time.sleep(poll)
+    (rollout_dir / "server_urls.txt").write_text("\n".join(urls) + "\n")
+    print(f"[fleet] {len(urls)} server(s) healthy after {time.monotonic() - t0:.1f} s: {', '.join(urls)}", flush=True)
+    if router:
+        url_file = rollout_dir / "router_url.txt"
+        while not (url_file.exists() and healthy(url_file.read_text().strip())):
+            _failed(rollout_dir)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"router not ready after {timeout:.0f} s; see {rollout_dir}/router.log")
+            time.sleep(poll)
+        print(f"[fleet] router healthy: {url_file.read_text().strip()}", flush=True)
+    return urls
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m minpro_megatron.slurm.fleet", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("wait", help="wait until every server (and the router) answers /health")
+    w.add_argument("rollout_dir", type=Path)
+    w.add_argument("--servers", type=int, required=True)
+    w.add_argument("--router", action="store_true")
+    w.add_argument("--timeout", type=float, default=1800.0)
+    args = ap.parse_args(argv)
+    try:
+        wait_for_fleet(args.rollout_dir, args.servers, args.router, args.timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"[fleet] ERROR: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,471 @@
+"""The RL program: prompts -> rollouts -> rewards -> GRPO group advantages -> learner update(s) with the
+configured loss -> weight sync, with exact-delay or bounded-age staleness, TensorBoard for every metric,
+and checkpoints of the whole RL state.
+
+SPMD: every rank (torchrun, or srun + torchrun) runs ``RLTrainer.run``. Each data-parallel rank rolls out
+and trains its own share of the prompts (groups never span DP ranks, so rewards and advantages are
+local); rank 0 writes logs. Versions count RL steps: version v = the policy after v RL steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from minpro_megatron.advantages import group_advantages
+from minpro_megatron.config import RunConfig, load_config, to_dict
+from minpro_megatron.data.dataset import PromptStream, load_dataset_pair
+from minpro_megatron.data.tasks import Problem
+from minpro_megatron.learner.batch import TrainSample, global_batch_totals
+from minpro_megatron.logging.writer import MetricsWriter
+from minpro_megatron.parallel.reduce import all_reduce_sum
+from minpro_megatron.rewards import reward
+from minpro_megatron.rollout.buffer import BoundedAgeBuffer, ExactDelaySchedule, token_age_histogram
+from minpro_megatron.rollout.types import RolloutSample, SamplingParams
+
+__all__ = ["RLTrainer", "Group", "main"]
+
+log = logging.getLogger("minpro_megatron.trainer")
+
+
+@dataclasses.dataclass
+class Group:
+    """The G responses of one prompt with their rewards and advantages (the buffer's unit)."""
+
+    problem: Problem
+    samples: list[RolloutSample]
+    rewards: list[float]
+    advantages: list[float]
+
+    @property
+    def min_version(self) -> int:
+        return min(min(s.weight_versions) for s in self.samples if s.weight_versions)
+
+    @property
+    def max_version(self) -> int:
+        return max(max(s.weight_versions) for s in self.samples if s.weight_versions)
+
+    def to_state(self) -> dict:
+        return {
+            "problem": dataclasses.asdict(self.problem),
+            "samples": [dataclasses.asdict(s) for s in self.samples],
+            "rewards": self.rewards,
+            "advantages": self.advantages,
+        }
+
+    @staticmethod
+    def from_state(state: dict) -> "Group":
+        from minpro_megatron.rollout.types import WeightVersionSpan
+
+        samples = []
+        for s in state["samples"]:
+            s = dict(s)
+            s["version_spans"] = [WeightVersionSpan(**v) for v in s.get("version_spans", [])]
+            samples.append(RolloutSample(**s))
+        return Group(Problem(**state["problem"]), samples, list(state["rewards"]), list(state["advantages"]))
+
+
+class RLTrainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        from megatron.core import parallel_state as ps
+
+        from minpro_megatron.learner.learner import Learner
+
+        self.cfg = cfg
+        self.ps = ps
+        self.rank = dist.get_rank()
+        self.out_dir = Path(cfg.logging.output_dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.tokenizer = load_tokenizer(cfg)
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        self.bos_id = self.tokenizer.bos_token_id
+        t = cfg.train
+        self.learner = Learner(cfg, total_updates=t.steps * t.updates_per_batch)
+        train, evals = load_dataset_pair(cfg.data, t.seed)
+        self.stream = PromptStream(train, seed=t.seed)
+        self.eval_problems = evals
+        self.engine = make_engine(cfg, self.learner, self.eos_id)
+        st = cfg.rollout.staleness
+        self.schedule: ExactDelaySchedule[Group] | None = ExactDelaySchedule(st.n) if st.mode == "exact" else None
+        self.buffer: BoundedAgeBuffer[Group] | None = (
+            BoundedAgeBuffer(st.n, st.overflow) if st.mode == "bounded" else None
+        )
+        self.rl_step = 0
+        self.warm_started = t.warm_start_steps == 0
+        self.sampling = SamplingParams(
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            n=t.group_size,
+            stop_token_ids=(self.eos_id,),
+        )
+        resumed = self._maybe_resume()
+        self.writer = MetricsWriter(
+            self.out_dir / "tb", enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
+            purge_step=self.rl_step if resumed else None,
+        )
+
+    # ---- tokens ------------------------------------------------------------------------------------------
+    def encode_prompt(self, problem: Problem) -> list[int]:
+        ids = self.tokenizer.encode(problem.prompt, add_special_tokens=False)
+        return ([self.bos_id] if self.bos_id is not None else []) + list(ids)
+
+    def decode_response(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ---- data-parallel sharding -------------------------------------------------------------------------
+    def _my_share(self, items: Sequence[Any]) -> list[Any]:
+        dp, r = self.ps.get_data_parallel_world_size(), self.ps.get_data_parallel_rank()
+        if len(items) % dp:
+            raise ValueError(f"{len(items)} prompts are not divisible by the data-parallel size {dp}")
+        return list(items)[r::dp]
+
+    # ---- rollout ---------------------------------------------------------------------------------------
+    def rollout(self, problems: Sequence[Problem], shard: bool = True) -> tuple[list[Group], dict[str, float]]:
+        """Generate, score and normalise this rank's share of ``problems`` (all of them if not ``shard``)."""
+        t0 = time.perf_counter()
+        mine = self._my_share(problems) if shard else list(problems)
+        groups_samples = self.engine.generate([self.encode_prompt(p) for p in mine], self.sampling)
+        gen_s = time.perf_counter() - t0
+        groups = []
+        for problem, samples in zip(mine, groups_samples):
+            rewards = [
+                reward(problem.data_source, self.decode_response(s.response_ids), problem.answer, self.cfg.data.strict_format)
+                for s in samples
+            ]
+            groups.append(Group(problem, samples, rewards, group_advantages(rewards, self.cfg.train.advantage_eps)))
+        tokens = sum(len(s.response_ids) for g in groups for s in g.samples)
+        return groups, {"time/rollout_s": gen_s, "_gen_tokens": float(tokens)}
+
+    def _generate_for(self, target_step: int) -> dict[str, float]:
+        groups, stats = self.rollout(self.stream.take(self.cfg.train.rollout_batch_size))
+        assert self.schedule is not None
+        self.schedule.put(target_step, groups)
+        return stats
+
+    def _next_batch(self) -> tuple[list[Group], dict[str, float]]:
+        """This step's groups per the staleness mode (generating whatever must be generated now)."""
+        stats: dict[str, float] = {"time/rollout_s": 0.0, "_gen_tokens": 0.0}
+
+        def add(s: dict[str, float]) -> None:
+            for k, v in s.items():
+                stats[k] = stats.get(k, 0.0) + v
+
+        if self.schedule is not None:
+            for target in self.schedule.steps_to_generate(self.rl_step):
+                if target not in self.schedule.pending_steps:
+                    add(self._generate_for(target))
+            return self.schedule.take(self.rl_step), stats
+        assert self.buffer is not None
+        need = self.cfg.train.rollout_batch_size // self.ps.get_data_parallel_world_size()
+        taken: list[Group] = []
+        while len(taken) < need:
+            if len(self.buffer) < need - len(taken):
+                groups, s = self.rollout(self.stream.take(self.cfg.train.rollout_batch_size))
+                add(s)
+                self.buffer.put(groups)
+            got, stale = self.buffer.take(self.rl_step, need - len(taken))
+            taken += got
+            if stale and self.buffer.overflow == "requeue":
+                # This DP rank's stale prompts are generated again by this rank (generation involves no
+                # collective across DP ranks).
+                groups, s = self.rollout([g.problem for g in stale], shard=False)
+                add(s)
+                self.buffer.put(groups)
+        return taken, stats
+
+    # ---- one RL step -------------------------------------------------------------------------------------
+    def train_samples(self, groups: Sequence[Group]) -> list[TrainSample]:
+        out = []
+        for g in groups:
+            for s, adv in zip(g.samples, g.advantages):
+                if not s.response_ids:
+                    continue
+                out.append(
+                    TrainSample(
+                        torch.tensor(s.prompt_ids + s.response_ids), len(s.prompt_ids), torch.tensor(s.logprobs),
+                        adv, version=s.min_version,
+                    )
+                )
+        return out
+
+    def step(self) -> dict[str, float]:
+        cfg, t0 = self.cfg, time.perf_counter()
+        groups, metrics = self._next_batch()
+        samples = self.train_samples(groups)
+        k = cfg.train.updates_per_batch
+        if len(samples) % k:
+            raise ValueError(f"{len(samples)} samples are not divisible by train.updates_per_batch={k}")
+        t1 = time.perf_counter()
+        per = len(samples) // k
+        update_metrics: list[dict[str, float]] = []
+        for u in range(k):
+            r = self.learner.train_step(samples[u * per : (u + 1) * per])
+            m = {f"loss/{name}": v for name, v in r.metrics.items()}
+            m.update({"optim/grad_norm": r.grad_norm, "optim/lr": r.lr})
+            update_metrics.append(m)
+        train_s = time.perf_counter() - t1
+        self.rl_step += 1
+        t2 = time.perf_counter()
+        sync = self.engine.update_weights(self.rl_step)
+        sync_s = time.perf_counter() - t2
+        metrics.update(_mean_dicts(update_metrics))
+        if k > 1:  # the first update's ratio statistics show staleness alone (before this step's own drift)
+            metrics.update({f"loss_first_update/{n[5:]}": v for n, v in update_metrics[0].items() if n.startswith("loss/")})
+        metrics.update(self._rollout_metrics(groups))
+        metrics.update({f"sync/{n}": v for n, v in sync.items()})
+        trained_tokens = metrics.get("loss/num_tokens", 0.0)
+        metrics.update(
+            {
+                "time/train_s": train_s,
+                "time/sync_s": sync_s,
+                "time/step_s": time.perf_counter() - t0,
+                "throughput/train_tokens_per_s": trained_tokens / train_s if train_s > 0 else 0.0,
+                "throughput/rollout_tokens_per_s": (
+                    all_reduce_sum(torch.tensor(metrics.pop("_gen_tokens"), dtype=torch.float64), self.ps.get_data_parallel_group()).item()
+                    / metrics["time/rollout_s"] if metrics["time/rollout_s"] > 0 else 0.0
+                ),
+            }
+        )
+        metrics.pop("_gen_tokens", None)
+        return metrics
+
+    def _rollout_metrics(self, groups: Sequence[Group]) -> dict[str, float]:
+        rewards = [r for g in groups for r in g.rewards]
+        lengths = [len(s.response_ids) for g in groups for s in g.samples]
+        ages = [self.rl_step - 1 - v for g in groups for s in g.samples for v in s.weight_versions]
+        local = torch.tensor(
+            [sum(rewards), sum(r * r for r in rewards), len(rewards), sum(1.0 for r in rewards if r >= 1.0),
+             sum(lengths), sum(ages), len(ages), sum(1 for g in groups if len(set(g.rewards)) == 1)],
+            dtype=torch.float64,
+        )
+        t = all_reduce_sum(local, self.ps.get_data_parallel_group()).tolist()
+        n = max(t[2], 1.0)
+        mean = t[0] / n
+        out = {
+            "rollout/reward_mean": mean,
+            "rollout/reward_std": math.sqrt(max(t[1] / n - mean * mean, 0.0)),
+            "rollout/accuracy": t[3] / n,
+            "rollout/response_length": t[4] / n,
+            "rollout/staleness_mean": t[5] / max(t[6], 1.0),
+            "rollout/zero_adv_group_frac": t[7] / max(len(groups) * self.ps.get_data_parallel_world_size(), 1),
+        }
+        if self.buffer is not None:
+            out["rollout/stale_dropped"] = float(self.buffer.dropped)
+            out["rollout/stale_requeued"] = float(self.buffer.requeued)
+        versions = [v for g in groups for s in g.samples for v in s.weight_versions]
+        self._last_ages = token_age_histogram(versions, self.rl_step - 1)
+        return out
+
+    # ---- warm start and evaluation -----------------------------------------------------------------------
+    def warm_start(self) -> None:
+        """Supervised steps on correct answers so the reward is not zero when RL starts."""
+        t = self.cfg.train
+        if self.warm_started:
+            return
+        from rich.progress import Progress
+
+        with Progress(disable=self.rank != 0) as progress:
+            task = progress.add_task("warm start (supervised)", total=t.warm_start_steps)
+            for i in range(t.warm_start_steps):
+                problems = self._my_share(self.stream.take(t.rollout_batch_size * t.group_size // t.updates_per_batch))
+                shard = [self._sft_sample(p) for p in problems]
+                r = self.learner.sft_step(shard, lr=t.warm_start_lr)
+                if self.rank == 0 and (i % 10 == 0 or i == t.warm_start_steps - 1):
+                    self.writer.scalars(i, {"warm_start/nll": r.metrics.get("loss", math.nan), "warm_start/grad_norm": r.grad_norm})
+                progress.advance(task)
+        self.learner.restore_scheduled_lr()
+        self.warm_started = True
+
+    def _sft_sample(self, p: Problem) -> TrainSample:
+        prompt = self.encode_prompt(p)
+        answer = list(self.tokenizer.encode(p.answer, add_special_tokens=False)) + [self.eos_id]
+        return TrainSample(torch.tensor(prompt + answer), len(prompt), torch.zeros(len(answer)), 0.0)
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy on the held-out problems (pass@1)."""
+        if not self.eval_problems:
+            return {}
+        dp = self.ps.get_data_parallel_world_size()
+        problems = self.eval_problems[: len(self.eval_problems) // dp * dp]
+        mine = self._my_share(problems)
+        greedy = dataclasses.replace(self.sampling, temperature=0.0, n=1)
+        out = self.engine.generate([self.encode_prompt(p) for p in mine], greedy)
+        correct = sum(
+            reward(p.data_source, self.decode_response(g[0].response_ids), p.answer, self.cfg.data.strict_format)
+            for p, g in zip(mine, out)
+        )
+        t = all_reduce_sum(torch.tensor([correct, len(mine)], dtype=torch.float64), self.ps.get_data_parallel_group())
+        return {"eval/accuracy": float(t[0] / max(t[1], 1.0))}
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def rank_state(self) -> dict:
+        state: dict[str, Any] = {
+            "rl_step": self.rl_step,
+            "warm_started": self.warm_started,
+            "stream": self.stream.state_dict(),
+            "engine": self.engine.state_dict(),
+        }
+        if self.schedule is not None:
+            state["pending"] = {str(k): [g.to_state() for g in v] for k, v in self.schedule._pending.items()}
+        if self.buffer is not None:
+            bs = self.buffer.state_dict()
+            bs["queue"] = [g.to_state() for g in bs["queue"]]
+            state["buffer"] = bs
+        return state
+
+    def save(self) -> Path:
+        from minpro_megatron.learner.checkpoint import save_checkpoint
+
+        return save_checkpoint(
+            self.learner, self.ckpt_dir, extra={"rl_step": self.rl_step}, keep_last=self.cfg.checkpoint.keep_last,
+            rank_state=self.rank_state(), iteration=self.rl_step,
+        )
+
+    def _maybe_resume(self) -> bool:
+        from minpro_megatron.learner.checkpoint import latest_iteration, load_checkpoint, load_rank_state
+
+        root = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else self.ckpt_dir
+        if latest_iteration(root) is None:
+            if self.cfg.checkpoint.load:
+                raise FileNotFoundError(f"checkpoint.load={str(root)!r} holds no checkpoint (no latest_checkpointed_iteration.txt)")
+            return False
+        extra = load_checkpoint(self.learner, root)
+        state = load_rank_state(root)
+        if state is None:
+            log.warning("resuming from %s with another layout: trainer state (data cursor, pending batches) restarts", root)
+            self.rl_step = int(extra.get("rl_step", 0))
+            self.warm_started = True
+            return True
+        self.rl_step = int(state["rl_step"])
+        self.warm_started = bool(state["warm_started"])
+        self.stream.load_state_dict(state["stream"])
+        self.engine.load_state_dict(state["engine"])
+        if self.schedule is not None and "pending" in state:
+            self.schedule._pending = {int(k): [Group.from_state(g) for g in v] for k, v in state["pending"].items()}
+        if self.buffer is not None and "buffer" in state:
+            bs = dict(state["buffer"])
+            bs["queue"] = [Group.from_state(g) for g in bs["queue"]]
+            self.buffer.load_state_dict(bs)
+        if self.rank == 0:
+            print(f"resumed from {root} at RL step {self.rl_step}", flush=True)
+        return True
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        cfg = self.cfg
+        self.warm_start()
+        if self.rl_step == 0:
+            self._log(0, self.evaluate())
+        last: dict[str, float] = {}
+        columns = [TextColumn("[bold]RL[/] {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}")]
+        with Progress(*columns, disable=self.rank != 0) as progress:
+            task = progress.add_task("rl", total=cfg.train.steps, completed=self.rl_step, info="")
+            while self.rl_step < cfg.train.steps:
+                metrics = self.step()
+                if cfg.train.eval_interval and self.rl_step % cfg.train.eval_interval == 0:
+                    metrics.update(self.evaluate())
+                self._log(self.rl_step, metrics)
+                last = metrics
+                if cfg.checkpoint.save_interval and self.rl_step % cfg.checkpoint.save_interval == 0:
+                    self.save()
+                progress.update(task, completed=self.rl_step, info=(
+                    f"reward {metrics['rollout/reward_mean']:.3f} acc {metrics['rollout/accuracy']:.3f} "
+                    f"step {metrics['time/step_s']:.2f}s"))
+        if cfg.checkpoint.save_interval and self.rl_step % cfg.checkpoint.save_interval:
+            self.save()
+        self.writer.flush()
+        return last
+
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        self.writer.scalars(step, {k: v for k, v in metrics.items() if not k.startswith("_")})
+        ages = getattr(self, "_last_ages", None)
+        if ages:
+            self.writer.histogram(step, "rollout/token_age", ages)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.engine.close()
+
+
+def _mean_dicts(dicts: Sequence[dict[str, float]]) -> dict[str, float]:
+    if not dicts:
+        return {}
+    keys = dicts[0].keys()
+    return {k: sum(d[k] for d in dicts) / len(dicts) for k in keys}
+
+
+def load_tokenizer(cfg: RunConfig):
+    """The policy's tokenizer: from model.tokenizer_path / model.hf_path, or the built-in character
+    tokenizer of the embedded default."""
+    path = cfg.model.tokenizer_path or cfg.model.hf_path
+    if path:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    else:
+        from minpro_megatron.models.tiny_hf import build_char_tokenizer
+
+        tok = build_char_tokenizer()
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {path or 'built-in'} has no eos_token; set one (generation stops on it)")
+    if len(tok) > cfg.model.vocab_size and not cfg.model.hf_path:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+    return tok
+
+
+def make_engine(cfg: RunConfig, learner: Any, eos_id: int) -> Any:
+    if cfg.rollout.backend == "local":
+        from minpro_megatron.rollout.local_engine import LocalEngine
+
+        return LocalEngine(learner, eos_token_id=eos_id, seed=cfg.train.seed)
+    from minpro_megatron.rollout.sglang_engine import SGLangEngine
+
+    return SGLangEngine(cfg, learner, eos_id)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``minpro-train CONFIG [section.field=value ...]`` (launch with torchrun for several processes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(main.__doc__)
+        return 0 if argv else 2
+    cfg = load_config(argv[0], argv[1:])
+    from minpro_megatron.learner.distributed import destroy_distributed, init_distributed
+
+    ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    try:
+        cfg.validate(world_size=ctx.world_size)
+        trainer = RLTrainer(cfg)
+        try:
+            trainer.run()
+            if ctx.rank == 0:
+                from minpro_megatron.logging.run_summary import write_run_summary
+
+                write_run_summary(Path(cfg.logging.output_dir))
+        finally:
+            trainer.close()
+    finally:
+        destroy_distributed(ctx)
+    return 0

@@ -1,0 +1,50 @@
+"""The trainer's side of SGLang's weight-update process group.
+
+SGLang servers join with ``init_custom_process_group`` (sglang/srt/utils/common.py): a TCP rendezvous at
+master_address:master_port, a PrefixStore named after the group, and a process group built outside the
+default one (the trainer's Megatron world stays untouched). The trainer must build the same group as
+rank 0; this mirrors that function with torch APIs only, so the learner does not import sglang.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+__all__ = ["init_update_group", "destroy_update_group"]
+
+
+def init_update_group(
+    master_address: str,
+    master_port: int,
+    world_size: int,
+    group_name: str,
+    backend: str = "gloo",
+    rank: int = 0,
+    timeout_s: float = 300.0,
+) -> ProcessGroup:
+    """Join (rank 0: host) the group; blocks until all ``world_size`` ranks have joined."""
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    if world_size < 2:
+        raise ValueError(f"weight-update group world_size={world_size}: needs the trainer and >= 1 server rank")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    store = PrefixStore(group_name, store)  # same prefix as SGLang's side
+    pg, _ = _new_process_group_helper(
+        world_size, rank, [], Backend(backend), store, group_name=group_name, backend_options=None, timeout=timeout
+    )
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}  # as SGLang does: src=0 means group rank 0
+    return pg
+
+
+def destroy_update_group(pg: ProcessGroup | None) -> None:
+    if pg is None:
+        return
+    try:
+        dist.destroy_process_group(pg)
+    except Exception:  # already gone (peer died): nothing left to release here
+        pass

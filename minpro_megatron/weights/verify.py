@@ -1,0 +1,129 @@
+"""Post-sync check: greedy log-probs of a fixed probe from each server vs a reference.
+
+The server generates greedily from the probe prompt and returns the log-prob of every prompt token
+after the first and of every generated token (logprob_start_len=0). The reference is teacher-forced on
+the same token sequence, so a near-tie that changes the greedy token cannot produce a false alarm.
+
+    probe = LogprobProbe(prompt_ids=[5, 6, 14, 7, 8, 17], max_new_tokens=8, threshold=1e-3)
+    result = probe.run(server_urls, hf_logprob_reference(model))   # raises WeightVerificationError
+    result.max_abs_diff                                              # the metric to log
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import requests
+import torch
+
+__all__ = ["LogprobReference", "ProbeResult", "LogprobProbe", "WeightVerificationError", "hf_logprob_reference", "server_probe_logprobs"]
+
+# tokens -> log p(tokens[t] | tokens[:t]) for t = 1 .. len(tokens)-1
+LogprobReference = Callable[[Sequence[int]], Sequence[float]]
+
+
+class WeightVerificationError(RuntimeError):
+    """A server's log-probs after a sync differ from the reference by more than the threshold.
+
+    ``result`` holds the probe (and, when raised by WeightSync, ``sync_result`` the sync's record)."""
+
+    def __init__(self, message: str, result: "ProbeResult | None" = None):
+        super().__init__(message)
+        self.result = result
+        self.sync_result = None
+
+
+@dataclass
+class ProbeResult:
+    max_abs_diff: float
+    per_server: dict[str, float] = field(default_factory=dict)
+    positions: int = 0
+    threshold: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.threshold is None or self.max_abs_diff <= self.threshold
+
+
+def server_probe_logprobs(
+    url: str, prompt_ids: Sequence[int], max_new_tokens: int, timeout_s: float = 120.0
+) -> tuple[list[int], list[float]]:
+    """Greedy generation from ``prompt_ids``; returns (all tokens, log-probs of tokens[1:])."""
+    body = {
+        "input_ids": list(prompt_ids),
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+    }
+    with requests.Session() as http:
+        http.trust_env = False
+        r = http.post(f"{url.rstrip('/')}/generate", json=body, timeout=timeout_s)
+    if r.status_code != 200:
+        raise WeightVerificationError(f"probe on {url}: HTTP {r.status_code}: {r.text[:300]}")
+    meta = r.json().get("meta_info", {})
+    inp, out = meta.get("input_token_logprobs"), meta.get("output_token_logprobs")
+    if not isinstance(inp, list) or not isinstance(out, list) or len(inp) != len(prompt_ids):
+        raise WeightVerificationError(
+            f"probe on {url}: meta_info.input_token_logprobs/output_token_logprobs missing or of wrong length "
+            f"(prompt {len(prompt_ids)} tokens, got {None if inp is None else len(inp)})"
+        )
+    tokens = list(prompt_ids) + [int(e[1]) for e in out]
+    logprobs = [float(e[0]) for e in inp[1:]] + [float(e[0]) for e in out]  # inp[0] is null by definition
+    return tokens, logprobs
+
+
+class LogprobProbe:
+    def __init__(self, prompt_ids: Sequence[int], max_new_tokens: int = 8, threshold: float | None = None):
+        if len(prompt_ids) < 2:
+            raise ValueError("LogprobProbe.prompt_ids needs >= 2 tokens (the first token has no log-prob)")
+        if threshold is not None and threshold < 0:
+            raise ValueError(f"LogprobProbe.threshold={threshold} must be >= 0 (or None to only report)")
+        self.prompt_ids = list(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.threshold = threshold
+
+    def run(self, server_urls: Sequence[str], reference: LogprobReference, raise_on_fail: bool = True) -> ProbeResult:
+        """Probe every server; with raise_on_fail, WeightVerificationError when the threshold is exceeded."""
+        result = ProbeResult(max_abs_diff=0.0, threshold=self.threshold)
+        for url in server_urls:
+            tokens, got = server_probe_logprobs(url, self.prompt_ids, self.max_new_tokens)
+            want = list(reference(tokens))
+            if len(want) != len(got):
+                raise ValueError(f"reference returned {len(want)} log-probs for {len(tokens)} tokens; expected {len(got)}")
+            diff = max((abs(a - b) for a, b in zip(got, want)), default=0.0)
+            if any(math.isnan(x) for x in want):
+                diff = math.inf
+            result.per_server[url] = diff
+            result.positions += len(got)
+            result.max_abs_diff = max(result.max_abs_diff, diff)
+        if raise_on_fail:
+            self.check(result)
+        return result
+
+    @staticmethod
+    def check(result: ProbeResult) -> None:
+        if result.passed:
+            return
+        worst = max(result.per_server, key=result.per_server.__getitem__)
+        raise WeightVerificationError(
+            f"after weight sync, server {worst} differs from the reference by max |d logp| = "
+            f"{result.max_abs_diff:.3g} > threshold {result.threshold} (per server: {result.per_server}). "
+            "A bucket was corrupted or mis-named, or the exporter's layout is wrong; bf16 servers need a "
+            "looser rollout.verify_threshold than fp32 ones.",
+            result,
+        )
+
+
+def hf_logprob_reference(model, device: str | torch.device = "cpu") -> LogprobReference:
+    """Teacher-forced log-probs from a Hugging Face causal LM (computed in fp32)."""
+
+    @torch.no_grad()
+    def ref(tokens: Sequence[int]) -> list[float]:
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+        logits = model(input_ids=ids).logits.float()[0, :-1]
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
+        return lp.tolist()
+
+    return ref

@@ -1,0 +1,72 @@
+"""Server process lifecycle: failures surface the log tail, stop() leaves no process of the tree behind.
+
+(Runs after test_fleet_sglang.py, whose module-scoped fleet is stopped by then: at most one server here.)
+"""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+
+from minpro_megatron.config import ConfigError, RolloutConfig
+from minpro_megatron.rollout.router import RouterProcess
+from minpro_megatron.rollout.server import ServerLaunchSpec, SGLangServer, ServerStartError
+
+
+def group_members(pgid: int) -> list[int]:
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and __import__("os").getpgid(p.pid) == pgid:
+                out.append(p.pid)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return out
+
+
+def test_launch_spec_and_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="model_path"):
+        ServerLaunchSpec(model_path=str(tmp_path / "missing")).validate()
+    with pytest.raises(ValueError, match="servers bind 127.0.0.1"):
+        ServerLaunchSpec(model_path=str(tmp_path), host="0.0.0.0").validate()
+    with pytest.raises(ValueError, match="0.0.0.0"):
+        RouterProcess(tmp_path / "r.log", host="0.0.0.0")
+    cmd = ServerLaunchSpec(model_path=str(tmp_path), device="cpu", dtype="float32", weight_version="7").command(30123)
+    for flag in ("--device cpu", "--attention-backend torch_native", "--weight-version 7", "--dtype float32", "--host 127.0.0.1"):
+        assert flag in " ".join(cmd)
+    assert "--sleep-on-idle" in cmd  # an idle CPU scheduler otherwise spins a whole core
+    with pytest.raises(ConfigError, match="rollout.base_port"):
+        RolloutConfig(base_port=80).validate()
+    with pytest.raises(ConfigError, match="weight_transport=tensor"):
+        RolloutConfig(weight_transport="tensor", server_device="cpu").validate()
+
+
+@pytest.mark.sglang
+def test_start_failure_raises_with_log_tail(tmp_path, tiny_models):
+    spec = ServerLaunchSpec(model_path=str(tiny_models["A"][2]), device="cpu", dtype="float32", extra_args=["--no-such-flag"])
+    server = SGLangServer(spec, tmp_path / "bad.log")
+    server.start()
+    try:
+        with pytest.raises(ServerStartError, match=r"(?s)exited with code 2 during start-up.*no-such-flag"):
+            server.wait_ready(timeout_s=120)
+    finally:
+        server.stop()
+
+
+@pytest.mark.sglang
+def test_ready_timeout_stops_the_whole_process_tree(tmp_path, tiny_models):
+    server = SGLangServer(ServerLaunchSpec(model_path=str(tiny_models["A"][2]), device="cpu", dtype="float32"), tmp_path / "slow.log")
+    server.start()
+    pid = server.pid
+    try:
+        deadline = time.monotonic() + 120
+        while len(psutil.Process(pid).children(recursive=True)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # wait until SGLang has forked its scheduler and detokenizer
+        assert len(group_members(pid)) >= 3
+        with pytest.raises(ServerStartError, match=r"(?s)not ready after 0 s \(stopped it\).*last lines"):
+            server.wait_ready(timeout_s=0.1)
+        assert not server.alive() and group_members(pid) == []
+    finally:
+        server.stop()
