@@ -3,7 +3,7 @@
 # first rollout node). Run by the job script as one Slurm task per rollout node:
 #   srun --ntasks=$N_ROLLOUT --ntasks-per-node=1 bash rollout.sh ROLLOUT_DIR [extra server args...]
 # Needs PYTHON, MASTER_ADDR, ROLLOUT_MODEL, ROLLOUT_TP, SERVERS_PER_NODE, ROLLOUT_BASE_PORT,
-# SERVER_MODULE and ROUTER_PORT (empty: no router) from the job script.
+# SERVER_MODULE, ROUTER_PORT (empty: no router) and ROUTER_POLICY from the job script.
 # Writes ROLLOUT_DIR/urls-NODE.txt once its servers are launched; FAILED-NODE if one of them exits.
 set -euo pipefail
 ROLLOUT_DIR=$1; shift
@@ -21,7 +21,7 @@ for ((i = 0; i < SERVERS_PER_NODE; i++)); do
   port=$((ROLLOUT_BASE_PORT + SLURM_NODEID * SERVERS_PER_NODE + i))
   devices=$(IFS=,; echo "${GPUS[*]:i*ROLLOUT_TP:ROLLOUT_TP}")
   CUDA_VISIBLE_DEVICES=$devices "$PYTHON" -m "$SERVER_MODULE" --model-path "$ROLLOUT_MODEL" \
-    --tp "$ROLLOUT_TP" --host "$MINPRO_NODE_IP" --port "$port" "$@" \
+    --tp-size "$ROLLOUT_TP" --host "$MINPRO_NODE_IP" --port "$port" "$@" \
     >"$ROLLOUT_DIR/server-$NODE-$i.log" 2>&1 &
   pids+=($!)
   echo "http://$MINPRO_NODE_IP:$port" >>"$ROLLOUT_DIR/urls-$NODE.tmp"
@@ -34,7 +34,7 @@ if [ -n "${ROUTER_PORT:-}" ] && [ "$SLURM_NODEID" = 0 ]; then
   until [ -f "$ROLLOUT_DIR/server_urls.txt" ]; do sleep 1; done
   mapfile -t urls <"$ROLLOUT_DIR/server_urls.txt"
   "$PYTHON" -m sglang_router.launch_router --worker-urls "${urls[@]}" \
-    --host "$MINPRO_NODE_IP" --port "$ROUTER_PORT" \
+    --host "$MINPRO_NODE_IP" --port "$ROUTER_PORT" --policy "$ROUTER_POLICY" \
     --prometheus-host "$MINPRO_NODE_IP" --prometheus-port $((ROUTER_PORT + 1)) >"$ROLLOUT_DIR/router.log" 2>&1 &
   pids+=($!)
   echo "http://$MINPRO_NODE_IP:$ROUTER_PORT" >"$ROLLOUT_DIR/router_url.txt"

@@ -43,8 +43,9 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def slurm_main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    return _not_built("slurm", "Slurm launcher", "Slurm launch for H100 clusters", argv)
+    from minpro_megatron.slurm.submit import main
+
+    return main(sys.argv[1:] if argv is None else argv)
 
 
 def bench_losses_main(argv: list[str] | None = None) -> int:

@@ -63,9 +63,17 @@ class ModelConfig:
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     init_method_std: float = 0.02
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Set by convert.hf_config from config.json (Qwen2 / Qwen2-MoE / Llama / Mixtral need them):
+    add_qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2); o_proj has none
+    moe_shared_expert_gate: bool = False  # sigmoid(x @ w) scales the shared expert's output (Qwen2-MoE)
+    # Embedding / output rows are padded to a multiple of this (zero rows; stripped on HF export) so that
+    # parallel.tensor divides them. Layout-independent on purpose: one checkpoint loads at any TP dividing it.
+    make_vocab_size_divisible_by: int = 1
+    hf_architecture: str | None = None  # HF class the weights map to; None: Qwen3(Moe)ForCausalLM
 
     def validate(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size"):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size",
+                     "make_vocab_size_divisible_by"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_query_groups:
@@ -81,6 +89,12 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return bool(self.num_experts)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output layer: vocab_size rounded up to make_vocab_size_divisible_by."""
+        m = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // m) * m
 
 
 @dataclass
@@ -251,6 +265,7 @@ class RunConfig:
     def validate(self, world_size: int | None = None) -> None:
         self.model.validate()
         self.loss.validate()
+        self.rollout.validate()
         p, m = self.parallel, self.model
         for name in ("tensor", "pipeline", "expert", "context"):
             if getattr(p, name) < 1:

@@ -130,6 +130,17 @@ class RLTrainer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # ---- data-parallel sharding -------------------------------------------------------------------------
+    def _dp(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def _max_dp(self, value: float) -> float:
+        t = torch.tensor([float(value)])
+        if self._dp() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ps.get_data_parallel_group())
+        return float(t.item())
+
+    def _any_dp_rank(self, flag: bool) -> bool:
+        return self._max_dp(1.0 if flag else 0.0) > 0
     def _my_share(self, items: Sequence[Any]) -> list[Any]:
         dp, r = self.ps.get_data_parallel_world_size(), self.ps.get_data_parallel_rank()
         if len(items) % dp:
@@ -175,17 +186,23 @@ class RLTrainer:
         assert self.buffer is not None
         need = self.cfg.train.rollout_batch_size // self.ps.get_data_parallel_world_size()
         taken: list[Group] = []
-        while len(taken) < need:
-            if len(self.buffer) < need - len(taken):
+        # Generation is collective across DP ranks when experts span them (EP > 1), so every decision to
+        # generate is made jointly: all ranks generate whenever any rank needs to.
+        while self._any_dp_rank(len(taken) < need):
+            if self._any_dp_rank(len(self.buffer) < need - len(taken)):
                 groups, s = self.rollout(self.stream.take(self.cfg.train.rollout_batch_size))
                 add(s)
                 self.buffer.put(groups)
-            got, stale = self.buffer.take(self.rl_step, need - len(taken))
+            got, stale = self.buffer.take(self.rl_step, max(need - len(taken), 0))
             taken += got
-            if stale and self.buffer.overflow == "requeue":
-                # This DP rank's stale prompts are generated again by this rank (generation involves no
-                # collective across DP ranks).
-                groups, s = self.rollout([g.problem for g in stale], shard=False)
+            requeue = [g.problem for g in stale] if self.buffer.overflow == "requeue" else []
+            width = int(self._max_dp(len(requeue)))
+            if width:
+                # This rank's stale prompts again, padded with fresh ones to the widest rank's count (every
+                # rank draws the same number from the stream, so the replicated streams stay in step).
+                fresh = self._my_share(self.stream.take(width * self._dp()))
+                problems = requeue + fresh[: width - len(requeue)]
+                groups, s = self.rollout(problems, shard=False)
                 add(s)
                 self.buffer.put(groups)
         return taken, stats
@@ -229,6 +246,7 @@ class RLTrainer:
         if k > 1:  # the first update's ratio statistics show staleness alone (before this step's own drift)
             metrics.update({f"loss_first_update/{n[5:]}": v for n, v in update_metrics[0].items() if n.startswith("loss/")})
         metrics.update(self._rollout_metrics(groups))
+        metrics["debug/batch_digest"] = self._batch_digest(samples)
         metrics.update({f"sync/{n}": v for n, v in sync.items()})
         trained_tokens = metrics.get("loss/num_tokens", 0.0)
         metrics.update(
@@ -245,6 +263,18 @@ class RLTrainer:
         )
         metrics.pop("_gen_tokens", None)
         return metrics
+
+    def _batch_digest(self, samples: Sequence[TrainSample]) -> float:
+        """A 32-bit digest of the trained tokens of all DP ranks (equal batches -> equal digests): makes
+        "the resumed run trains on the same batch" checkable from the logs."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for s in samples:
+            h.update(s.tokens.numpy().tobytes())
+            h.update(s.old_logp.numpy().tobytes())
+        local = torch.tensor([int(h.hexdigest()[:7], 16)], dtype=torch.float64)  # 28 bits: exact after a sum
+        return float(all_reduce_sum(local, self.ps.get_data_parallel_group()))
 
     def _rollout_metrics(self, groups: Sequence[Group]) -> dict[str, float]:
         rewards = [r for g in groups for r in g.rewards]
@@ -371,7 +401,10 @@ class RLTrainer:
     def run(self) -> dict[str, float]:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+        from minpro_megatron.slurm.preemption import StopRequest
+
         cfg = self.cfg
+        stop = StopRequest.install()  # Slurm preemption / time limit: save and exit cleanly
         self.warm_start()
         if self.rl_step == 0:
             self._log(0, self.evaluate())
@@ -388,6 +421,11 @@ class RLTrainer:
                 last = metrics
                 if cfg.checkpoint.save_interval and self.rl_step % cfg.checkpoint.save_interval == 0:
                     self.save()
+                if stop.should_stop():
+                    if self.rank == 0:
+                        print(f"stop requested ({stop.reason}): saving at RL step {self.rl_step}", flush=True)
+                    self.save()
+                    break
                 progress.update(task, completed=self.rl_step, info=(
                     f"reward {metrics['rollout/reward_mean']:.3f} acc {metrics['rollout/accuracy']:.3f} "
                     f"step {metrics['time/step_s']:.2f}s"))

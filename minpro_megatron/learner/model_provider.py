@@ -43,12 +43,18 @@ def validate_model_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
     model.validate()
     tp, pp, ep = parallel.tensor, parallel.pipeline, parallel.expert
     vpp = parallel.virtual_pipeline or 1
-    for name in ("num_attention_heads", "num_query_groups", "vocab_size"):
+    for name in ("num_attention_heads", "num_query_groups"):
         if getattr(model, name) % tp:
             raise ConfigError(
                 f"model.{name}={getattr(model, name)} is not divisible by parallel.tensor={tp}; "
-                f"change parallel.tensor (or pad model.{name})"
+                f"change parallel.tensor"
             )
+    if model.padded_vocab_size % tp:
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} is not divisible by parallel.tensor={tp} (embedding rows: "
+            f"{model.padded_vocab_size} with model.make_vocab_size_divisible_by={model.make_vocab_size_divisible_by}); "
+            f"set model.make_vocab_size_divisible_by to a multiple of {tp} (zero rows, stripped on HF export)"
+        )
     if model.num_layers % (pp * vpp):
         raise ConfigError(
             f"model.num_layers={model.num_layers} is not divisible by parallel.pipeline * "
@@ -106,7 +112,7 @@ def transformer_config_from(
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=model.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -140,6 +146,7 @@ def transformer_config_from(
             moe_router_topk=model.moe_router_topk,
             moe_ffn_hidden_size=model.moe_ffn_hidden_size,
             moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=model.moe_shared_expert_gate,
             moe_router_pre_softmax=not model.moe_norm_topk_prob,
             moe_router_score_function="softmax",
             moe_router_dtype="fp32",
@@ -211,7 +218,7 @@ def build_gpt_model(
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec_for(model, config, use_te=use_te),
-        vocab_size=model.vocab_size,
+        vocab_size=model.padded_vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,

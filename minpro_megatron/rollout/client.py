@@ -179,11 +179,11 @@ class RolloutClient:
         stats: BatchStats,
     ) -> SampleGroup:
         body = {"input_ids": prompt, "sampling_params": params.to_json(), "return_logprob": True}
-        if params.n == 1:
-            body["rid"] = f"{batch}-{index}"  # shows up in server logs; SGLang rejects one rid for n > 1
         tried: set[str] = set()
         errors: list[str] = []
         for attempt in range(1, self.max_attempts + 1):
+            if params.n == 1:  # shows up in server logs; one rid per attempt (a timed-out one may still run)
+                body["rid"] = f"{batch}-{index}-a{attempt}"
             url = self._pick(tried)
             self._inflight[url] += 1
             stats.attempts += 1

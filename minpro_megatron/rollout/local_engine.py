@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.distributed as dist
 
-from minpro_megatron.rollout.types import RolloutSample, SamplingParams, WeightVersionSpan
+from minpro_megatron.rollout.types import RolloutSample, SampleGroup, SamplingParams, WeightVersionSpan
 
 if TYPE_CHECKING:
     from minpro_megatron.learner.learner import Learner
@@ -47,7 +47,7 @@ class LocalEngine:
         pass
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[RolloutSample]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[SampleGroup]:
         """``params.n`` samples for each prompt (one group per prompt, in prompt order)."""
         params.validate()
         ps = self.learner.ps
@@ -61,8 +61,13 @@ class LocalEngine:
         stops = set(params.stop_token_ids) | ({self.eos_token_id} if not params.ignore_eos else set())
         for _ in range(params.max_new_tokens):
             active = [i for i, f in enumerate(finish) if f is None]
-            if not active:
+            # Forward passes are collective beyond this DP replica when experts span DP ranks (EP > 1):
+            # every rank keeps stepping while any rank still decodes, with a 1-token dummy if it is done.
+            if not self._any_rank_active(bool(active)):
                 break
+            if not active:
+                self.learner.last_token_logits([torch.tensor([self.eos_token_id])])
+                continue
             logits = self.learner.last_token_logits([torch.tensor(seqs[i]) for i in active])
             tokens, token_logp = self._sample(logits, params, gen, len(active))
             for j, i in enumerate(active):
@@ -70,9 +75,9 @@ class LocalEngine:
                 logps[i].append(float(token_logp[j]))
                 if int(tokens[j]) in stops:
                     finish[i] = "stop"
-        out: list[list[RolloutSample]] = []
+        out: list[SampleGroup] = []
         for p_idx in range(len(prompts)):
-            group = []
+            group = SampleGroup()
             for k in range(params.n):
                 i = p_idx * params.n + k
                 resp = seqs[i][n_prompt[i]:]
@@ -91,6 +96,14 @@ class LocalEngine:
                 )
             out.append(group)
         return out
+
+    def _any_rank_active(self, active: bool) -> bool:
+        group = self.learner.ps.get_data_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return active
+        flag = torch.tensor([1.0 if active else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
 
     def _sample(
         self, logits: torch.Tensor | None, params: SamplingParams, gen: torch.Generator, count: int

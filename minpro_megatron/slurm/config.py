@@ -27,7 +27,6 @@ class MemoryEstimateConfig:
     grad_dtype: Literal["float32", "bfloat16"] = "float32"  # Megatron's main grads are fp32 for bf16 runs
     gpu_memory_gib: float = 79.1
     overhead_gib: float = 4.0
-    rollout_mem_fraction: float = 0.85  # SGLang --mem-fraction-static: weights + KV cache share
 
 
 @dataclass
@@ -36,7 +35,7 @@ class SlurmConfig:
 
     The job allocates ``learner_nodes + rollout_nodes`` nodes; the first ``learner_nodes`` run the
     SPMD trainer (one torchrun per node, ``procs_per_node`` ranks each), the last ``rollout_nodes`` run
-    ``gpus_per_node // rollout_tp`` SGLang servers each (and the router on the first of them).
+    ``gpus_per_node // rollout.server_tp_size`` SGLang servers each (and the router on the first of them).
     """
 
     job_name: str = "minpro"
@@ -62,13 +61,10 @@ class SlurmConfig:
     master_port: int = 29500
     program: Literal["train", "doctor"] = "train"  # doctor: the distributed health check instead
     program_args: list[str] = field(default_factory=list)  # extra arguments before CONFIG (doctor options)
-    # Rollout fleet
-    rollout_model: str | None = None  # SGLang --model-path; None: model.hf_path
-    rollout_tp: int = 1
-    rollout_servers_per_node: int | None = None  # None: gpus_per_node // rollout_tp
-    rollout_server_args: list[str] = field(default_factory=list)  # appended to every server's command
-    rollout_server_module: str = "sglang.launch_server"
-    rollout_ready_timeout_s: int = 1800
+    # Rollout fleet: server TP, dtype, extra args and startup timeout come from the rollout section
+    # (rollout.server_tp_size, server_dtype, server_max_total_tokens, server_extra_args, server_startup_timeout_s)
+    rollout_servers_per_node: int | None = None  # None: gpus_per_node // rollout.server_tp_size
+    rollout_server_module: str = "sglang.launch_server"  # tests: minpro_megatron.slurm.stub_server
     # Preemption and resume
     requeue: bool = True
     signal_seconds: int = 120  # USR1 this long before the time limit: save, then requeue
@@ -80,7 +76,7 @@ class SlurmConfig:
     def ranks_per_node(self) -> int:
         return self.procs_per_node if self.procs_per_node is not None else self.gpus_per_node
 
-    def servers_per_node(self) -> int:
+    def servers_per_node(self, server_tp_size: int) -> int:
         if self.rollout_servers_per_node is not None:
             return self.rollout_servers_per_node
-        return self.gpus_per_node // self.rollout_tp if self.rollout_tp > 0 else 0
+        return self.gpus_per_node // server_tp_size if server_tp_size > 0 else 0

@@ -106,21 +106,22 @@ def plan_layout(cfg: RunConfig) -> JobLayout:
             raise ConfigError("rollout.backend=sglang needs rollout nodes: set slurm.rollout_nodes >= 1 "
                               "(or rollout.server_urls to attach to servers running elsewhere)")
         if s.rollout_nodes:
-            if s.rollout_tp < 1 or (s.gpus_per_node and s.gpus_per_node % s.rollout_tp):
-                raise ConfigError(f"slurm.rollout_tp={s.rollout_tp} must divide slurm.gpus_per_node="
-                                  f"{s.gpus_per_node} (each SGLang server takes rollout_tp GPUs of one node)")
-            if m.num_attention_heads % s.rollout_tp:
+            tp = cfg.rollout.server_tp_size
+            if tp < 1 or (s.gpus_per_node and s.gpus_per_node % tp):
+                raise ConfigError(f"rollout.server_tp_size={tp} must divide slurm.gpus_per_node={s.gpus_per_node} "
+                                  "(each SGLang server takes server_tp_size GPUs of one node)")
+            if m.num_attention_heads % tp:
                 raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
-                                  f"slurm.rollout_tp={s.rollout_tp}; pick a rollout_tp that divides it")
-            servers_per_node = s.servers_per_node()
+                                  f"rollout.server_tp_size={tp}; pick a server TP that divides it")
+            servers_per_node = s.servers_per_node(tp)
             if servers_per_node < 1:
                 raise ConfigError("slurm.rollout_servers_per_node must be >= 1 (CPU nodes: set it explicitly)")
-            if s.gpus_per_node and servers_per_node * s.rollout_tp > s.gpus_per_node:
-                raise ConfigError(f"slurm.rollout_servers_per_node={servers_per_node} x slurm.rollout_tp="
-                                  f"{s.rollout_tp} needs more than slurm.gpus_per_node={s.gpus_per_node} GPUs")
+            if s.gpus_per_node and servers_per_node * tp > s.gpus_per_node:
+                raise ConfigError(f"slurm.rollout_servers_per_node={servers_per_node} x rollout.server_tp_size={tp}"
+                                  f" needs more than slurm.gpus_per_node={s.gpus_per_node} GPUs")
             num_servers = servers_per_node * s.rollout_nodes
-            if not (s.rollout_model or m.hf_path):
-                raise ConfigError("the rollout servers need a model: set model.hf_path (or slurm.rollout_model)")
+            if not m.hf_path:
+                raise ConfigError("the rollout servers need a model: set model.hf_path (an HF checkpoint directory)")
     elif s.rollout_nodes:
         raise ConfigError(f"slurm.rollout_nodes={s.rollout_nodes} but rollout.backend={cfg.rollout.backend!r} "
                           "generates inside the learner: set slurm.rollout_nodes=0 or rollout.backend=sglang")
@@ -135,4 +136,4 @@ def plan_layout(cfg: RunConfig) -> JobLayout:
     return JobLayout(learner_nodes=s.learner_nodes, rollout_nodes=s.rollout_nodes, gpus_per_node=s.gpus_per_node,
                      ranks_per_node=rpn, world_size=world, tp=p.tensor, pp=p.pipeline, cp=p.context, dp=dp,
                      ep=p.expert, etp=etp, expert_dp=expert_dp, servers_per_node=servers_per_node,
-                     num_servers=num_servers, rollout_tp=s.rollout_tp)
+                     num_servers=num_servers, rollout_tp=cfg.rollout.server_tp_size)

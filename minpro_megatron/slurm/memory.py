@@ -164,15 +164,23 @@ class RolloutMemory:
         return max(0, int(self.kv_budget // self.kv_bytes_per_token))
 
 
+def _mem_fraction(cfg: RunConfig) -> float:
+    """SGLang's --mem-fraction-static from rollout.server_extra_args (0.85 if absent: about its H100 default)."""
+    args = cfg.rollout.server_extra_args
+    if "--mem-fraction-static" in args[:-1]:
+        return float(args[args.index("--mem-fraction-static") + 1])
+    return 0.85
+
+
 def estimate_rollout_memory(cfg: RunConfig) -> RolloutMemory:
     m, s = cfg.model, cfg.slurm
-    tp = s.rollout_tp
+    tp = cfg.rollout.server_tp_size
     hd = m.head_dim or m.hidden_size // m.num_attention_heads
     weights = count_parameters(cfg).total * DTYPE_BYTES[cfg.rollout.server_dtype] / tp
     kv_heads = max(1, m.num_query_groups // tp)  # KV heads are replicated when TP exceeds them
     kv_per_token = 2 * m.num_layers * kv_heads * hd * DTYPE_BYTES[cfg.rollout.server_dtype]
     gpu = s.memory.gpu_memory_gib * GiB
-    return RolloutMemory(weights=weights, kv_budget=s.memory.rollout_mem_fraction * gpu - weights,
+    return RolloutMemory(weights=weights, kv_budget=_mem_fraction(cfg) * gpu - weights,
                          kv_bytes_per_token=kv_per_token, gpu_memory=gpu)
 
 
@@ -215,9 +223,9 @@ def format_memory(cfg: RunConfig, world_size: int) -> list[str]:
     ]
     if cfg.rollout.backend == "sglang" and cfg.slurm.rollout_nodes:
         r = estimate_rollout_memory(cfg)
-        lines.append(f"rollout memory per GPU (SGLang TP {cfg.slurm.rollout_tp}, {cfg.rollout.server_dtype}): "
+        lines.append(f"rollout memory per GPU (SGLang TP {cfg.rollout.server_tp_size}, {cfg.rollout.server_dtype}): "
                      f"weights {r.weights / GiB:.2f} GiB, KV cache room {r.kv_budget / GiB:.2f} GiB at "
-                     f"--mem-fraction-static {mem.rollout_mem_fraction} = {r.kv_tokens:,} tokens "
+                     f"--mem-fraction-static {_mem_fraction(cfg)} = {r.kv_tokens:,} tokens "
                      f"({r.kv_bytes_per_token / 1024:.0f} KiB/token)"
-                     + ("" if r.kv_budget > 0 else "  -> WEIGHTS DO NOT FIT: raise slurm.rollout_tp"))
+                     + ("" if r.kv_budget > 0 else "  -> WEIGHTS DO NOT FIT: raise rollout.server_tp_size"))
     return lines

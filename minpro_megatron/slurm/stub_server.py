@@ -1,6 +1,6 @@
 """STAND-IN for ``sglang.launch_server`` in Slurm tests on CPU machines; not a rollout engine.
 
-It takes SGLang's launch flags (``--model-path --tp --host --port``, others ignored) and answers
+It takes SGLang's launch flags (``--model-path --tp-size --host --port``, others recorded) and answers
 GET /health and GET /model_info (which reports the GPUs Slurm gave it), so the launch plumbing
 (GPU split, ports, URL discovery, readiness, router) is tested for real without loading a model.
 Select it with ``slurm.rollout_server_module=minpro_megatron.slurm.stub_server``.
@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minpro_megatron.slurm.stub_server")
     ap.add_argument("--model-path", required=True)
-    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--tp-size", "--tp", dest="tp", type=int, default=1)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     args, rest = ap.parse_known_args(argv)

@@ -80,8 +80,8 @@ def _q(text: str | os.PathLike) -> str:
     return shlex.quote(str(text))
 
 
-def _sbatch_header(cfg: RunConfig, layout: JobLayout | None, output: str, name: str,
-                   array: str | None = None, requeue: bool = True) -> str:
+def _sbatch_header(cfg: RunConfig, layout: JobLayout | None, output: str, name: str, array: str | None = None) -> str:
+    """#SBATCH lines; ``layout`` None: the collector's single small task."""
     s = cfg.slurm
     lines = [f"--job-name={name}"]
     if layout is not None:
@@ -99,7 +99,7 @@ def _sbatch_header(cfg: RunConfig, layout: JobLayout | None, output: str, name: 
         if getattr(s, opt):
             lines.append(f"--{opt}={getattr(s, opt)}")
     lines += [f"--output={output}", "--open-mode=append"]  # a requeued run appends to the same log
-    if layout is not None and requeue:
+    if layout is not None:
         if s.requeue:
             lines.append("--requeue")
         if s.signal_seconds:
@@ -144,21 +144,26 @@ def _rollout_block(cfg: RunConfig, layout: JobLayout, container: str) -> str:
     s, r = cfg.slurm, cfg.rollout
     router = r.use_router
     in_env = f'srun --overlap --nodes=1 --ntasks=1 --nodelist="${{NODES[0]}}"{container} ' if container else ""
-    server_args = "".join(f" {_q(a)}" for a in s.rollout_server_args)
+    server_args = ["--dtype", r.server_dtype, "--weight-version", "0"]  # the learner's step 0
+    if r.server_max_total_tokens:
+        server_args += ["--max-total-tokens", str(r.server_max_total_tokens)]
+    args = " ".join(_q(a) for a in [*server_args, *r.server_extra_args])
     router_note = "; the router on the first" if router else ""
+    router_url = '\nOVERRIDES+=("rollout.router_url=$(cat "$ROLLOUT_DIR/router_url.txt")")' if router else ""
     return f"""
 # Rollout fleet (rollout.sh): {layout.servers_per_node} SGLang server(s) of TP {layout.rollout_tp} on each of the last {layout.rollout_nodes} node(s){router_note}.
 # The learner gets their URLs as rollout.server_urls once every one answers /health.
-export ROLLOUT_MODEL={_q(s.rollout_model or cfg.model.hf_path)} ROLLOUT_TP={s.rollout_tp} SERVERS_PER_NODE={layout.servers_per_node}
-export ROLLOUT_BASE_PORT={r.base_port} SERVER_MODULE={s.rollout_server_module} ROUTER_PORT={r.router_port if router else ""}
+export ROLLOUT_MODEL={_q(cfg.model.hf_path)} ROLLOUT_TP={layout.rollout_tp} SERVERS_PER_NODE={layout.servers_per_node}
+export ROLLOUT_BASE_PORT={r.base_port} SERVER_MODULE={s.rollout_server_module}
+export ROUTER_PORT={r.router_port if router else ""} ROUTER_POLICY={r.router_policy}
 ROLLOUT_NODES=$(IFS=,; echo "${{NODES[*]:N_LEARNER}}")
 ROLLOUT_DIR=$RUN_DIR/rollout/$SLURM_JOB_ID
 mkdir -p "$ROLLOUT_DIR"
 srun --nodes={layout.rollout_nodes} --ntasks={layout.rollout_nodes} --ntasks-per-node=1 --nodelist="$ROLLOUT_NODES" \\
-  {_cpus(cfg)}{container} bash "$JOB_FILES/rollout.sh" "$ROLLOUT_DIR"{server_args} &
+  {_cpus(cfg)}{container} bash "$JOB_FILES/rollout.sh" "$ROLLOUT_DIR" {args} &
 ROLLOUT=$!
-{in_env}"$PYTHON" -m minpro_megatron.slurm.fleet wait "$ROLLOUT_DIR" --servers {layout.num_servers}{" --router" if router else ""} --timeout {s.rollout_ready_timeout_s}
-OVERRIDES+=(rollout.backend=sglang "rollout.server_urls=[$(paste -sd, "$ROLLOUT_DIR/server_urls.txt")]")
+{in_env}"$PYTHON" -m minpro_megatron.slurm.fleet wait "$ROLLOUT_DIR" --servers {layout.num_servers}{" --router" if router else ""} --timeout {r.server_startup_timeout_s:g}
+OVERRIDES+=("rollout.server_urls=[$(paste -sd, "$ROLLOUT_DIR/server_urls.txt")]"){router_url}
 """
 
 

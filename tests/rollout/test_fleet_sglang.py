@@ -59,6 +59,7 @@ def fleet(tiny_models, tmp_path_factory):
         f.stop()
         for s in f.servers:  # every process we started is gone
             assert not s.alive()
+        assert not f.router.alive()
 
 
 @pytest.fixture(scope="module")

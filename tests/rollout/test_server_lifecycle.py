@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
@@ -19,7 +20,7 @@ def group_members(pgid: int) -> list[int]:
     out = []
     for p in psutil.process_iter(["pid"]):
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and __import__("os").getpgid(p.pid) == pgid:
+            if p.status() != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
                 out.append(p.pid)
         except (psutil.Error, ProcessLookupError):
             pass

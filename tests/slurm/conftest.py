@@ -17,13 +17,15 @@ from minpro_megatron.slurm.local_cluster import LocalCluster, slurm_installed
 
 @pytest.fixture(scope="session")
 def slurm_cluster(request, tmp_path_factory):
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    plugins = request.config.pluginmanager
+    reporter, capman = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
 
-    def log(msg: str) -> None:  # visible even when pytest captures output
-        if reporter is not None:
-            reporter.write_line(f"[local-slurm] {msg}")
-        else:
+    def log(msg: str) -> None:  # on the terminal even while pytest captures output
+        if reporter is None or capman is None:
             print(f"[local-slurm] {msg}", file=sys.stderr)
+            return
+        with capman.global_and_fixture_disabled():
+            reporter.write_line(f"[local-slurm] {msg}")
 
     if not slurm_installed() and (os.geteuid() != 0 or not shutil.which("apt-get")):
         pytest.skip("Slurm is not installed and cannot be installed here (needs root and apt-get)")

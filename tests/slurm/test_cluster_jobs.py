@@ -66,8 +66,9 @@ def test_rollout_fleet_router_and_learner(slurm_env, tmp_path):
     run = tmp_path / "run"
     (job,) = submit_job(
         run, "submit", TINY, *CPU, QUICK, "--nodes", "1", "--rollout-nodes", "1", "rollout.backend=sglang",
-        "slurm.rollout_model=stub-model", "slurm.rollout_server_module=minpro_megatron.slurm.stub_server",
-        "rollout.base_port=31700", "rollout.router_port=31790", 'slurm.rollout_server_args=["--dtype","float32"]')
+        "model.hf_path=stub-model", "slurm.rollout_server_module=minpro_megatron.slurm.stub_server",
+        "rollout.base_port=31700", "rollout.router_port=31790", "rollout.server_dtype=float32",
+        'rollout.server_extra_args=["--mem-fraction-static","0.5"]')
     state = slurm_env.wait_job(job, timeout=180)
     log = read_log(run)
     assert state == "COMPLETED", log
@@ -75,13 +76,15 @@ def test_rollout_fleet_router_and_learner(slurm_env, tmp_path):
     urls = (fleet_dir / "server_urls.txt").read_text().split()
     assert urls == ["http://127.0.0.1:31700", "http://127.0.0.1:31701"]
     assert (fleet_dir / "router_url.txt").read_text().strip() == "http://127.0.0.1:31790"
-    for i in (0, 1):  # each server got its own GPU of the node and the extra server args
+    for i in (0, 1):  # each server got its own GPU of the node and the rollout section's server options
         info = (fleet_dir / f"server-node2-{i}.log").read_text()
-        assert f"'cuda_visible_devices': '{i}'" in info and "'--dtype', 'float32'" in info
+        assert f"'cuda_visible_devices': '{i}'" in info and "'model_path': 'stub-model'" in info
+        assert "['--dtype', 'float32', '--weight-version', '0', '--mem-fraction-static', '0.5']" in info
     report = json.loads((run / "output" / "doctor.json").read_text())
     assert report["ok"] and report["nodes"] == ["node1"]  # the learner stays off the rollout node
     assert [s["url"] for s in report["rollout_servers"] if s["ok"]] == urls  # reached from the learner
     assert "rollout.server_urls=[http://127.0.0.1:31700,http://127.0.0.1:31701]" in report["overrides"]
+    assert "rollout.router_url=http://127.0.0.1:31790" in report["overrides"]
     assert "[fleet] router healthy" in log
 
 

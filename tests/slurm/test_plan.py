@@ -40,7 +40,9 @@ def test_dry_run_qwen3_8b(capsys):
     assert "model: 8.19 B parameters" in out
     for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --exclusive", "#SBATCH --requeue",
                  "#SBATCH --signal=B:USR1@120", "#SBATCH --time=24:00:00", "export N_LEARNER=2 NPROC_PER_NODE=8",
-                 "--servers 16 --router", "export NCCL_NVLS_ENABLE=0"):
+                 "--servers 16 --router --timeout 1800", "export NCCL_NVLS_ENABLE=0",
+                 '--dtype bfloat16 --weight-version 0 --mem-fraction-static 0.85 &',
+                 'OVERRIDES+=("rollout.router_url=$(cat "$ROLLOUT_DIR/router_url.txt")")'):
         assert line in out, line
     assert "DOES NOT FIT" not in out
     assert "nothing written or submitted" in out
@@ -73,8 +75,9 @@ def test_dry_run_container_and_nodes_flags(capsys):
     (["--nodes", "3", "parallel.data=8"], "slurm.learner_nodes=3"),
     (["parallel.tensor=16", "slurm.procs_per_node=16", "slurm.gpus_per_node=16"], "model.num_query_groups=8"),
     (["slurm.procs_per_node=16"], "slurm.procs_per_node=16"),
-    (["slurm.rollout_tp=3"], "slurm.rollout_tp=3"),
-    (["slurm.rollout_tp=16"], "slurm.rollout_tp=16"),
+    (["rollout.server_tp_size=3"], "rollout.server_tp_size=3"),
+    (["rollout.server_tp_size=16"], "rollout.server_tp_size=16"),
+    (["rollout.server_tp_size=4", "slurm.rollout_servers_per_node=4"], "slurm.rollout_servers_per_node=4"),
     (["rollout.backend=local"], "slurm.rollout_nodes=2"),
     (["slurm.rollout_nodes=0"], "slurm.rollout_nodes"),
     (["model.hf_path=null"], "model.hf_path"),

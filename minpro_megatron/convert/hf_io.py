@@ -1,0 +1,141 @@
+"""Read Hugging Face safetensors checkpoints one tensor at a time; write size-bounded shards.
+
+``HFCheckpoint`` indexes a directory (``model.safetensors.index.json`` or the headers of every
+``*.safetensors`` file) and reads one tensor per ``safe_open``: nothing else of the file is loaded, and
+no mapping stays open between tensors, so the resident memory of a conversion is the model being built
+plus one tensor (an open mmap keeps touched pages resident).
+
+``write_safetensors_shards`` writes one shard per bucket (HF names ``model-0000i-of-0000N.safetensors``
+plus ``model.safetensors.index.json``; a single bucket becomes ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = ["HFCheckpoint", "HFWeightsError", "write_safetensors_shards", "copy_hf_side_files", "HF_SIDE_FILES"]
+
+# Files copied next to exported weights (tokenizer, generation defaults, chat template).
+HF_SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+_INDEX = "model.safetensors.index.json"
+
+
+class HFWeightsError(RuntimeError):
+    """A Hugging Face checkpoint lacks a tensor, has one of the wrong shape, or holds unexpected ones."""
+
+
+class HFCheckpoint:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path} is not a directory: point at a Hugging Face checkpoint directory")
+        self.files = self._index()
+
+    def _index(self) -> dict[str, Path]:
+        from safetensors import safe_open
+
+        index = self.path / _INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: self.path / f for name, f in weight_map.items()}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise HFWeightsError(f"no *.safetensors files in {self.path} (PyTorch .bin checkpoints are not supported; "
+                                 "re-save with save_pretrained(safe_serialization=True))")
+        out: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    if name in out:
+                        raise HFWeightsError(f"tensor {name!r} appears in both {out[name].name} and {f.name}")
+                    out[name] = f
+        return out
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def _file(self, name: str, shape: Sequence[int] | None) -> Path:
+        if name not in self.files:
+            expect = f" (expected shape {tuple(shape)})" if shape is not None else ""
+            raise HFWeightsError(
+                f"tensor {name!r}{expect} is missing from {self.path}: the checkpoint is incomplete or its "
+                "config.json describes another model"
+            )
+        return self.files[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file(name, None)), framework="pt") as h:
+            return tuple(h.get_slice(name).get_shape())
+
+    def get(self, name: str, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """One tensor (its own memory); ``shape`` is checked before the data is read."""
+        from safetensors import safe_open
+
+        f = self._file(name, shape)
+        with safe_open(str(f), framework="pt") as h:
+            if shape is not None:
+                found = tuple(h.get_slice(name).get_shape())
+                if found != tuple(shape):
+                    raise HFWeightsError(
+                        f"tensor {name!r} in {f.name} has shape {found}, expected {tuple(shape)} from config.json: "
+                        "the weights and config.json do not belong together"
+                    )
+            return h.get_tensor(name)
+
+
+def write_safetensors_shards(buckets: Iterable[Sequence[tuple[str, torch.Tensor]]], out_dir: str | Path) -> dict[str, str]:
+    """One safetensors file per bucket; returns the weight map {tensor name: file name}."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("model*.safetensors")) + [out / _INDEX]:
+        if old.exists():
+            old.unlink()
+    tmp: list[tuple[Path, list[str]]] = []
+    seen: set[str] = set()
+    total = 0
+    for i, bucket in enumerate(buckets):
+        names = [n for n, _ in bucket]
+        dup = seen.intersection(names)
+        if dup or len(set(names)) != len(names):
+            raise HFWeightsError(f"tensors written twice: {sorted(dup) or names}")
+        seen.update(names)
+        path = out / f".partial-{i:05d}.safetensors"
+        save_file({n: t.detach().contiguous() for n, t in bucket}, str(path), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for _, t in bucket)
+        tmp.append((path, names))
+    weight_map: dict[str, str] = {}
+    n = len(tmp)
+    for i, (path, names) in enumerate(tmp):
+        final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(path, out / final)
+        weight_map.update({name: final for name in names})
+    if n > 1:
+        (out / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return weight_map
+
+
+def copy_hf_side_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy tokenizer / generation files from ``src`` into ``dst``; returns the names copied."""
+    copied = []
+    for name in HF_SIDE_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, Path(dst) / name)
+            copied.append(name)
+    return copied

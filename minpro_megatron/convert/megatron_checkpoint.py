@@ -1,0 +1,134 @@
+"""Model-only torch_dist checkpoints in the Learner's layout (``ROOT/iter_XXXXXXX`` + tracker file).
+
+What the converters write and read. A checkpoint saved here loads with
+``learner.checkpoint.load_checkpoint(learner, ROOT, load_optimizer=False)`` in any TP/PP/EP/CP layout
+(dist_checkpointing reshards), and a Learner checkpoint (model + optimizer) loads here: only the model
+part is read. The common state carries ``extra = {"model_config": ..., "hf_config": ...}`` so the
+reverse conversion needs no hand-written model arguments.
+
+``dist_checkpointing.save`` spawns a multiprocessing Manager: the calling script needs an
+``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from minpro_megatron.config import ModelConfig
+from minpro_megatron.config_base import from_dict, to_dict
+from minpro_megatron.learner.checkpoint import CheckpointError, checkpoint_path, latest_iteration, model_sharded_state_dict
+from minpro_megatron.convert.layout import unwrap
+
+__all__ = ["save_model_checkpoint", "load_model_checkpoint", "checkpoint_extra", "model_config_from_checkpoint", "TRACKER"]
+
+TRACKER = "latest_checkpointed_iteration.txt"  # the name learner.checkpoint reads
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_model_checkpoint(
+    model_chunks: Sequence[torch.nn.Module],
+    root: str | Path,
+    *,
+    model: ModelConfig,
+    hf_config: dict | None = None,
+    iteration: int = 0,
+) -> Path:
+    """Save the model chunks' parameters as ``ROOT/iter_<iteration>`` (collective)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from minpro_megatron.parallel.cpu_compat import cuda_literals_to_cpu
+
+    path = checkpoint_path(root, iteration)
+    if _rank() == 0:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    _barrier()
+    state: dict[str, Any] = model_sharded_state_dict(list(model_chunks))
+    state["step"] = iteration
+    state["layout"] = {
+        "world": dist.get_world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(), "cp": ps.get_context_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
+    }
+    state["extra"] = {"model_config": to_dict(model), "hf_config": hf_config}
+    with cuda_literals_to_cpu():
+        dist_checkpointing.save(state, str(path))
+    _barrier()
+    if _rank() == 0:
+        tmp = Path(root) / (TRACKER + ".tmp")
+        tmp.write_text(str(iteration))
+        os.replace(tmp, Path(root) / TRACKER)
+    _barrier()
+    return path
+
+
+def _resolve(root: str | Path, iteration: int | None) -> Path:
+    root = Path(root)
+    if (root / "common.pt").is_file() or (root / "metadata.json").is_file():
+        return root  # an iter_XXXXXXX directory itself
+    iteration = latest_iteration(root) if iteration is None else iteration
+    if iteration is None:
+        raise CheckpointError(f"no checkpoint under {root}: {TRACKER} is missing (pass the iter_XXXXXXX directory)")
+    path = checkpoint_path(root, iteration)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    return path
+
+
+def checkpoint_extra(root: str | Path, iteration: int | None = None) -> dict:
+    """The ``extra`` dict of a checkpoint's common state ({} when absent)."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(_resolve(root, iteration)))
+    return dict(common.get("extra") or {})
+
+
+def model_config_from_checkpoint(root: str | Path, iteration: int | None = None) -> ModelConfig | None:
+    """The ModelConfig a converter stored in the checkpoint (None for checkpoints without one)."""
+    extra = checkpoint_extra(root, iteration)
+    if extra.get("model_config"):
+        return from_dict(ModelConfig, dict(extra["model_config"]))
+    if extra.get("hf_config"):
+        from minpro_megatron.convert.hf_config import model_config_from_hf
+
+        return model_config_from_hf(extra["hf_config"])
+    return None
+
+
+@torch.no_grad()
+def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], root: str | Path, iteration: int | None = None) -> Path:
+    """Load the parameters of ``ROOT`` (any layout) into the model chunks (collective); errors name the tensor."""
+    from megatron.core import dist_checkpointing
+
+    from minpro_megatron.parallel.cpu_compat import cuda_literals_to_cpu
+
+    path = _resolve(root, iteration)
+    chunks = [unwrap(m) for m in model_chunks]
+    with cuda_literals_to_cpu():
+        try:
+            state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001  torch DCP's CheckpointException is a BaseException
+            # dist_checkpointing's message names the key and both shapes
+            raise CheckpointError(f"loading the model from {path} failed: {exc}") from exc
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys):
+        chunk.load_state_dict(state[key], strict=True)
+    return path

@@ -1,0 +1,123 @@
+"""The RL trainer end to end with the local engine: an EP2 x DP2 learner under gloo writes every metric to
+real TensorBoard event files; kill -9 mid-run + resume trains the next step on the same batch with the
+same loss as an uninterrupted run; bad configs fail with one clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from minpro_megatron.config import ConfigError, load_config
+from minpro_megatron.logging.report import read_scalars
+from tests.mp_utils import run_multiprocess
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "examples" / "tiny_moe_cpu.yaml"
+
+# A few quick steps of the embedded default's model (small batch, short warm start).
+QUICK = [
+    "train.rollout_batch_size=8",
+    "train.group_size=4",
+    "train.micro_batch_size=8",
+    "train.warm_start_steps=2",
+    "train.steps=3",
+    "data.num_eval=16",
+    "train.eval_interval=3",
+]
+
+
+def run_trainer(argv: list[str]) -> int:
+    from minpro_megatron.trainer import main
+
+    return main(argv)
+
+
+@pytest.mark.multiproc
+def test_ep2_dp2_local_backend_writes_every_metric(tmp_path) -> None:
+    out = tmp_path / "run"
+    argv = [str(TINY), *QUICK, "parallel.expert=2", f"logging.output_dir={out}", "rollout.staleness.n=1",
+            "checkpoint.save_interval=3"]
+    assert run_multiprocess(run_trainer, 2, argv, timeout=900) == [0, 0]
+    scalars = read_scalars(out / "tb")
+    for tag in [
+        "rollout/reward_mean", "rollout/reward_std", "rollout/accuracy", "rollout/response_length",
+        "rollout/staleness_mean", "loss/entropy", "loss/clip_frac_high", "loss/clip_frac_low", "loss/ratio_mean",
+        "loss/ratio_min", "loss/ratio_max", "loss/prefix_mean", "loss/prefix_p10", "loss/rho_min_mean",
+        "loss/prefix_lowered_frac", "loss/kl_k1", "loss/kl_k3", "loss/nonfinite_count", "optim/grad_norm",
+        "optim/lr", "sync/bytes", "time/rollout_s", "time/train_s", "time/sync_s", "time/step_s",
+        "throughput/train_tokens_per_s", "throughput/rollout_tokens_per_s", "eval/accuracy", "warm_start/nll",
+    ]:
+        assert tag in scalars, f"{tag} missing from the event files"
+    assert [s for s, _ in scalars["rollout/reward_mean"]] == [1, 2, 3]
+    # exact delay n=1: step 1 trains on version 0 (age 0), steps 2 and 3 on versions 1 and 2 (age 1).
+    assert [v for _, v in scalars["rollout/staleness_mean"]] == [0.0, 1.0, 1.0]
+    # 8 prompts x 4 samples per step, all trained: every response has at least one token.
+    assert all(v > 0 for _, v in scalars["loss/num_tokens"])
+    assert (out / "summary.md").is_file() and (out / "plot.png").stat().st_size > 10_000
+    assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "3"
+
+
+def _metrics_by_step(path: Path) -> dict[int, dict]:
+    rows = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row  # a resumed run rewrites the steps after its checkpoint: keep the last
+    return rows
+
+
+def _cli(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "minpro_megatron.cli", "train", str(TINY), *QUICK, *argv]
+
+
+def test_kill_9_and_resume_trains_the_same_next_step(tmp_path) -> None:
+    common = ["train.steps=4", "rollout.staleness.n=2", "checkpoint.save_interval=1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "uninterrupted"
+    subprocess.run(_cli([*common, f"logging.output_dir={ref}"]), check=True, env=env, cwd=REPO, capture_output=True, timeout=900)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli([*common, f"logging.output_dir={run}"]), env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    tracker = run / "checkpoints" / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (tracker.is_file() and tracker.read_text().strip() == "2"):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert tracker.read_text().strip() in ("2", "3"), "the run should have been killed after its step-2 checkpoint"
+    killed_at = int(tracker.read_text())
+
+    resumed = subprocess.run(_cli([*common, f"logging.output_dir={run}"]), env=env, cwd=REPO, capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints'} at RL step {killed_at}" in resumed.stdout
+    want, got = _metrics_by_step(ref / "tb" / "metrics.jsonl"), _metrics_by_step(run / "tb" / "metrics.jsonl")
+    for step in range(killed_at + 1, 5):
+        assert got[step]["debug/batch_digest"] == want[step]["debug/batch_digest"], step
+        assert got[step]["loss/loss"] == want[step]["loss/loss"], step
+        assert got[step]["optim/grad_norm"] == want[step]["optim/grad_norm"], step
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["parallel.tensor=3"], "model.num_attention_heads=4 is not divisible by parallel.tensor=3"),
+        (["parallel.expert=3"], "model.num_experts=4 is not divisible by parallel.expert=3"),
+        (["train.micro_batch_size=5"], "not divisible by data-parallel size 1 x train.micro_batch_size=5"),
+        (["train.updates_per_batch=3"], "not divisible by train.updates_per_batch=3"),
+        (["loss.name=ppo"], "loss.name='ppo' is not allowed"),
+        (["optim.lr=fast"], "optim.lr must be a number"),
+        (["train.stepz=3"], "unknown config key"),
+    ],
+)
+def test_bad_configs_fail_with_one_clear_error(overrides, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        cfg = load_config(TINY, overrides)
+        cfg.validate(world_size=1)
