@@ -97,7 +97,6 @@ class RLTrainer:
         train, evals = load_dataset_pair(cfg.data, t.seed)
         self.stream = PromptStream(train, seed=t.seed)
         self.eval_problems = evals
-        self.engine = make_engine(cfg, self.learner, self.eos_id)
         st = cfg.rollout.staleness
         self.schedule: ExactDelaySchedule[Group] | None = ExactDelaySchedule(st.n) if st.mode == "exact" else None
         self.buffer: BoundedAgeBuffer[Group] | None = (
@@ -112,7 +111,13 @@ class RLTrainer:
             n=t.group_size,
             stop_token_ids=(self.eos_id,),
         )
+        self._engine_state: dict | None = None
         resumed = self._maybe_resume()
+        # The engine starts from the (possibly resumed) learner: SGLang servers boot from its weights.
+        self.engine = make_engine(cfg, self.learner, self.eos_id, self.tokenizer, self.out_dir, version=self.rl_step)
+        if self._engine_state is not None:
+            self.engine.load_state_dict(self._engine_state)
+        self._inflight: list[tuple[int, Any]] = []
         self.writer = MetricsWriter(
             self.out_dir / "tb", enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
             purge_step=self.rl_step if resumed else None,
@@ -148,27 +153,38 @@ class RLTrainer:
         return list(items)[r::dp]
 
     # ---- rollout ---------------------------------------------------------------------------------------
-    def rollout(self, problems: Sequence[Problem], shard: bool = True) -> tuple[list[Group], dict[str, float]]:
-        """Generate, score and normalise this rank's share of ``problems`` (all of them if not ``shard``)."""
-        t0 = time.perf_counter()
+    def start_rollout(self, problems: Sequence[Problem], shard: bool = True) -> tuple[Any, list[Problem], float]:  # noqa: E501
+        """Start generating this rank's share of ``problems`` (all of them if not ``shard``); collective.
+        Engines with ``start_generate`` (SGLang) generate in the background until ``finish_rollout``."""
         mine = self._my_share(problems) if shard else list(problems)
-        groups_samples = self.engine.generate([self.encode_prompt(p) for p in mine], self.sampling)
-        gen_s = time.perf_counter() - t0
+        prompts = [self.encode_prompt(p) for p in mine]
+        if hasattr(self.engine, "start_generate"):
+            return self.engine.start_generate(prompts, self.sampling), mine, math.nan
+        t0 = time.perf_counter()
+        return self.engine.generate(prompts, self.sampling), mine, time.perf_counter() - t0
+
+    def finish_rollout(self, started: tuple[Any, list[Problem], float]) -> tuple[list[Group], dict[str, float]]:
+        """Collect the samples, score them and normalise advantages within each group."""
+        handle, mine, gen_s = started
+        t1 = time.perf_counter()
+        if hasattr(self.engine, "finish"):
+            groups_samples = self.engine.finish(handle)
+            gen_s = handle.seconds  # rank 0's generation time (0 elsewhere); the wait shows the overlap
+        else:
+            groups_samples = handle
+        wait_s = time.perf_counter() - t1
         groups = []
         for problem, samples in zip(mine, groups_samples):
             rewards = [
                 reward(problem.data_source, self.decode_response(s.response_ids), problem.answer, self.cfg.data.strict_format)
                 for s in samples
             ]
-            groups.append(Group(problem, samples, rewards, group_advantages(rewards, self.cfg.train.advantage_eps)))
+            groups.append(Group(problem, list(samples), rewards, group_advantages(rewards, self.cfg.train.advantage_eps)))
         tokens = sum(len(s.response_ids) for g in groups for s in g.samples)
-        return groups, {"time/rollout_s": gen_s, "_gen_tokens": float(tokens)}
+        return groups, {"time/rollout_s": gen_s, "time/rollout_wait_s": wait_s, "_gen_tokens": float(tokens)}
 
-    def _generate_for(self, target_step: int) -> dict[str, float]:
-        groups, stats = self.rollout(self.stream.take(self.cfg.train.rollout_batch_size))
-        assert self.schedule is not None
-        self.schedule.put(target_step, groups)
-        return stats
+    def rollout(self, problems: Sequence[Problem], shard: bool = True) -> tuple[list[Group], dict[str, float]]:
+        return self.finish_rollout(self.start_rollout(problems, shard))
 
     def _next_batch(self) -> tuple[list[Group], dict[str, float]]:
         """This step's groups per the staleness mode (generating whatever must be generated now)."""
@@ -180,8 +196,15 @@ class RLTrainer:
 
         if self.schedule is not None:
             for target in self.schedule.steps_to_generate(self.rl_step):
-                if target not in self.schedule.pending_steps:
-                    add(self._generate_for(target))
+                if target in self.schedule.pending_steps:
+                    continue
+                started = self.start_rollout(self.stream.take(self.cfg.train.rollout_batch_size))
+                if target == self.rl_step:  # needed now (n = 0, or the first step)
+                    groups, s = self.finish_rollout(started)
+                    add(s)
+                    self.schedule.put(target, groups)
+                else:  # a later step's batch: generated while this step trains (async overlap)
+                    self._inflight.append((target, started))
             return self.schedule.take(self.rl_step), stats
         assert self.buffer is not None
         need = self.cfg.train.rollout_batch_size // self.ps.get_data_parallel_world_size()
@@ -238,6 +261,13 @@ class RLTrainer:
             m.update({"optim/grad_norm": r.grad_norm, "optim/lr": r.lr})
             update_metrics.append(m)
         train_s = time.perf_counter() - t1
+        for target, started in self._inflight:  # generated by this step's weights: join before the sync
+            groups_t, s = self.finish_rollout(started)
+            assert self.schedule is not None
+            self.schedule.put(target, groups_t)
+            for key, value in s.items():
+                metrics[key] = metrics.get(key, 0.0) + value
+        self._inflight = []
         self.rl_step += 1
         t2 = time.perf_counter()
         sync = self.engine.update_weights(self.rl_step)
@@ -322,6 +352,7 @@ class RLTrainer:
                 progress.advance(task)
         self.learner.restore_scheduled_lr()
         self.warm_started = True
+        self.engine.update_weights(self.rl_step)  # the rollout engine must serve the warm-started policy
 
     def _sft_sample(self, p: Problem) -> TrainSample:
         prompt = self.encode_prompt(p)
@@ -386,7 +417,7 @@ class RLTrainer:
         self.rl_step = int(state["rl_step"])
         self.warm_started = bool(state["warm_started"])
         self.stream.load_state_dict(state["stream"])
-        self.engine.load_state_dict(state["engine"])
+        self._engine_state = state["engine"]
         if self.schedule is not None and "pending" in state:
             self.schedule._pending = {int(k): [Group.from_state(g) for g in v] for k, v in state["pending"].items()}
         if self.buffer is not None and "buffer" in state:
@@ -473,14 +504,16 @@ def load_tokenizer(cfg: RunConfig):
     return tok
 
 
-def make_engine(cfg: RunConfig, learner: Any, eos_id: int) -> Any:
+def make_engine(cfg: RunConfig, learner: Any, eos_id: int, tokenizer: Any, out_dir: Path, version: int) -> Any:
     if cfg.rollout.backend == "local":
         from minpro_megatron.rollout.local_engine import LocalEngine
 
-        return LocalEngine(learner, eos_token_id=eos_id, seed=cfg.train.seed)
+        engine = LocalEngine(learner, eos_token_id=eos_id, seed=cfg.train.seed)
+        engine.update_weights(version)
+        return engine
     from minpro_megatron.rollout.sglang_engine import SGLangEngine
 
-    return SGLangEngine(cfg, learner, eos_id)
+    return SGLangEngine(cfg, learner, eos_id, tokenizer, out_dir, version=version)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -85,7 +85,7 @@ def convert(args: argparse.Namespace) -> Path:
         stats.phase("load_hf")
         save_model_checkpoint(chunks, out, model=model, hf_config=raw, iteration=args.iteration)
         stats.phase("save")
-        itemsize = getattr(torch, raw.get("dtype") or raw.get("torch_dtype") or "float32").itemsize
+        itemsize = getattr(torch, model.params_dtype).itemsize
         stats.model_bytes = sum(pm.hf_numel for pm in param_maps(model) if pm.export) * itemsize
         stats.finish(args.stats_json, ctx.rank)
         if rank0:

@@ -178,7 +178,9 @@ def _check_layouts(root: str, cases: list, refs: dict, with_tool_and_learner: bo
 def _learner_case(root: Path, ref: torch.Tensor, out: dict) -> None:
     from minpro_megatron.config import RunConfig
     from minpro_megatron.convert.megatron_checkpoint import model_config_from_checkpoint
-    from minpro_megatron.learner.checkpoint import load_checkpoint
+    import torch.distributed as dist
+
+    from minpro_megatron.learner.checkpoint import load_checkpoint, save_checkpoint
     from minpro_megatron.learner.distributed import init_distributed
     from minpro_megatron.learner.learner import Learner
 
@@ -192,6 +194,13 @@ def _learner_case(root: Path, ref: torch.Tensor, out: dict) -> None:
     ends = torch.tensor([len(s) for s in seqs]).cumsum(0) - 1
     out["learner/last_token_logits"] = _logit_diff(last, ref[ends])
     out["learner/export"] = _export_check(learner.model, model, root / "qwen3_moe")
+    # a Learner checkpoint (model + optimizer, no model description) back to HF, by a 2-rank EP2 tool run
+    save_checkpoint(learner, root / "learner_ckpt")
+    _tool("convert_megatron_to_hf").main(["--ckpt", str(root / "learner_ckpt"), "--hf-config", str(root / "qwen3_moe"),
+                                          "--out", str(root / "learner_hf"), "--ep", "2", "--no-progress"])
+    if dist.get_rank() == 0:
+        orig, back = read_checkpoint_dir(root / "qwen3_moe"), read_checkpoint_dir(root / "learner_hf")
+        out["learner/back_to_hf_exact"] = sorted(orig) == sorted(back) and all(torch.equal(orig[n], back[n]) for n in orig)
 
 
 # ---- the tests ----------------------------------------------------------------------------------------
@@ -302,6 +311,7 @@ def test_two_rank_layouts(converted):
     assert results[0]["learner/last_token_logits"] <= TOL
     _assert_export_ok("learner", results[0]["learner/export"])
     assert results[1]["learner/export"] == {"buckets": 0}
+    assert results[0]["learner/back_to_hf_exact"]
 
 
 @pytest.mark.slow

@@ -196,3 +196,16 @@ def test_bridge_backend_is_optional():
         pytest.skip("Megatron-Bridge is installed here; the adapter is exercised on clusters")
     with pytest.raises(BridgeUnavailableError, match="built-in converter"):
         MegatronBridgeBackend("/nonexistent")
+
+
+@pytest.mark.parametrize("tool", ["convert_hf_to_megatron", "convert_megatron_to_hf", "bench_convert"])
+def test_tools_have_help(tool, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(tool, Path(__file__).resolve().parents[2] / "tools" / f"{tool}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--help"])
+    assert exc.value.code == 0 and "usage" in capsys.readouterr().out

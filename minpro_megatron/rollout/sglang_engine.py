@@ -1,0 +1,222 @@
+"""The trainer's SGLang backend: a fleet of SGLang servers (+ sglang-router) driven by global rank 0.
+
+- Start-up (collective): the learner's current weights are exported to an HF directory (safetensors +
+  config.json + tokenizer) that the servers boot from with ``--weight-version <step>``; attached servers
+  (rollout.server_urls) receive them through a weight sync instead.
+- ``start_generate`` / ``finish`` (collective): every DP replica's prompts are gathered to rank 0, which
+  generates them through the router with the async client in a background thread, so generation of a
+  later step's batch overlaps the learner's current update (exact-delay staleness n >= 1); the samples
+  come back to every rank as tensors and each rank keeps its DP share.
+- ``update_weights`` (collective): the streaming exporter gathers TP/EP/PP shards to rank 0 in
+  size-bounded HF-named buckets, which WeightSync pushes into every server (pause -> update -> flush ->
+  continue, weight_version = str(step)). Then a probe: each server's greedy log-probs of a fixed prompt
+  against the learner's own log-probs of the same tokens (max |diff| logged; rollout.verify_threshold
+  turns it into a failure).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from minpro_megatron.rollout.transfer import broadcast_tensors, decode_groups, encode_groups, gather_prompts
+from minpro_megatron.rollout.types import SampleGroup, SamplingParams
+
+__all__ = ["SGLangEngine", "PendingGeneration"]
+
+
+class PendingGeneration:
+    """A batch being generated on rank 0; ``SGLangEngine.finish`` collects it on every rank."""
+
+    def __init__(self, counts: list[int] | None) -> None:
+        self.counts = counts  # rank 0: prompts per DP rank
+        self.thread: threading.Thread | None = None
+        self.result: list[SampleGroup] | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+
+class SGLangEngine:
+    def __init__(self, cfg: Any, learner: Any, eos_id: int, tokenizer: Any, out_dir: str | Path, version: int = 0) -> None:
+        from megatron.core import parallel_state as ps
+
+        from minpro_megatron.weights.export import HFExporter
+
+        self.cfg = cfg
+        self.learner = learner
+        self.ps = ps
+        self.rank = dist.get_rank()
+        self.version = version
+        self.out_dir = Path(out_dir) / "rollout"
+        self.exporter = HFExporter(learner.model, cfg.model)
+        self.bucket_bytes = cfg.rollout.bucket_mb * 2**20
+        self.probe_prompt = [t for t in ([tokenizer.bos_token_id] + tokenizer.encode("12+34=", add_special_tokens=False)) if t is not None]
+        self.fleet = self.client = self.sync = None
+        self._export_initial(tokenizer)
+        if self.rank == 0:
+            import os
+
+            from minpro_megatron.rollout.fleet import RolloutFleet
+
+            if os.environ.get("MINPRO_NODE_IP"):  # set per node by launch_slurm/learner.sh: rank 0's reachable address
+                cfg.rollout.weight_sync_master_address = os.environ["MINPRO_NODE_IP"]
+
+            attach = bool(cfg.rollout.server_urls)
+            self.fleet = RolloutFleet(cfg.rollout, None if attach else self.hf_dir, self.out_dir / "logs", initial_version=version)
+            self.fleet.start()
+            self.client = self.fleet.client(progress=False)
+            self.sync = self.fleet.weight_sync()
+        dist.barrier()
+        if cfg.rollout.server_urls:  # servers the user runs: give them this policy's weights first
+            self.update_weights(version)
+
+    # ---- start-up ---------------------------------------------------------------------------------------
+    def _export_initial(self, tokenizer: Any) -> None:
+        import json
+
+        from minpro_megatron.convert.hf_config import hf_config_from_model
+        from minpro_megatron.convert.hf_io import write_safetensors_shards
+
+        self.hf_dir = self.out_dir / f"policy_step{self.version}"
+        buckets = self.exporter.buckets(self.bucket_bytes)
+        if self.rank == 0:
+            self.hf_dir.mkdir(parents=True, exist_ok=True)
+            write_safetensors_shards(buckets, self.hf_dir)
+            hf_cfg = hf_config_from_model(self.cfg.model, dtype=self.cfg.rollout.server_dtype)
+            (self.hf_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+            tokenizer.save_pretrained(self.hf_dir)
+        else:
+            for _ in buckets:
+                pass
+
+    # ---- generation --------------------------------------------------------------------------------------
+    def _is_replica_leader(self) -> bool:
+        ps = self.ps
+        return (ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+                and ps.get_context_parallel_rank() == 0)
+
+    def start_generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> PendingGeneration:
+        """Collective: gather every DP replica's prompts to rank 0 and start generating them there."""
+        gathered = gather_prompts(prompts, self._is_replica_leader())
+        dp = torch.tensor([self.ps.get_data_parallel_rank() if self._is_replica_leader() else -1])
+        all_dp = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+        dist.all_gather(all_dp, dp)
+        dp_of_rank = [int(t) for t in all_dp]
+        if self.rank != 0:
+            return PendingGeneration(None)
+        assert gathered is not None and self.client is not None
+        by_dp = {d: gathered[r] for r, d in enumerate(dp_of_rank) if d >= 0}
+        order = sorted(by_dp)
+        flat = [p for d in order for p in by_dp[d]]
+        pending = PendingGeneration([len(by_dp[d]) for d in order])
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            try:
+                pending.result = self.client.generate_sync(flat, params)
+            except BaseException as exc:  # surfaced on every rank by finish()
+                pending.error = exc
+            pending.seconds = time.perf_counter() - t0
+
+        pending.thread = threading.Thread(target=run, name="sglang-rollout", daemon=True)
+        pending.thread.start()
+        return pending
+
+    def finish(self, pending: PendingGeneration) -> list[SampleGroup]:
+        """Collective: wait for rank 0's generation and hand each rank its DP share."""
+        ok = torch.ones(1)
+        ints = floats = None
+        if self.rank == 0:
+            assert pending.thread is not None and pending.counts is not None
+            pending.thread.join()
+            if pending.error is not None:
+                ok.zero_()
+            else:
+                groups, by_dp, start = pending.result or [], {}, 0
+                for d, n in enumerate(pending.counts):
+                    by_dp[d] = groups[start : start + n]
+                    start += n
+                ints, floats = encode_groups(by_dp)
+        if dist.get_world_size() > 1:
+            dist.broadcast(ok, src=0)
+        if not ok.item():
+            if self.rank == 0:
+                raise RuntimeError(f"SGLang rollout failed: {pending.error}") from pending.error
+            raise RuntimeError("SGLang rollout failed on rank 0 (see its log)")
+        ints, floats = broadcast_tensors(ints, floats)
+        return decode_groups(ints, floats).get(self.ps.get_data_parallel_rank(), [])
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[SampleGroup]:
+        return self.finish(self.start_generate(prompts, params))
+
+    # ---- weights -----------------------------------------------------------------------------------------
+    def update_weights(self, version: int) -> dict[str, float]:
+        """Collective: export the learner's weights and push them into every server as ``version``."""
+        buckets = self.exporter.buckets(self.bucket_bytes)
+        metrics: dict[str, float] = {}
+        if self.rank == 0:
+            assert self.fleet is not None and self.sync is not None
+            result = self.fleet.sync_weights(self.sync, buckets, version)
+            metrics = {"seconds": result.seconds, "bytes": float(result.bytes), "transfer_seconds": result.transfer_seconds,
+                       "bytes_per_s": result.bytes_per_s}
+        else:
+            for _ in buckets:
+                pass
+        self.version = version
+        metrics["verify_max_abs_logprob_diff"] = self._verify()
+        metrics["verify_probed_servers"] = float(self.last_probed_servers)
+        return metrics
+
+    def _verify(self) -> float:
+        """Max |logp| difference between every server's greedy probe and the learner (collective)."""
+        from minpro_megatron.learner.batch import TrainSample
+        from minpro_megatron.weights.verify import server_probe_logprobs
+
+        seqs: list[list[int]] = []
+        server_lps: list[list[float]] = []
+        if self.rank == 0:
+            assert self.fleet is not None
+            for url in self.fleet.admitted_urls():
+                tokens, lps = server_probe_logprobs(url, self.probe_prompt, max_new_tokens=8)
+                seqs.append(tokens)
+                server_lps.append(lps)
+        from minpro_megatron.rollout.transfer import decode_prompts, encode_prompts
+
+        (t,) = broadcast_tensors(encode_prompts(seqs) if self.rank == 0 else None)
+        seqs = decode_prompts(t)
+        samples = [TrainSample(torch.tensor(s), 1, torch.zeros(len(s) - 1), 0.0) for s in seqs]
+        # every DP replica scores the same probes (score is collective within a replica only)
+        ref = self.learner.score(samples, temperature=1.0) if samples else []
+        worst = torch.zeros(1, dtype=torch.float64)
+        if self.rank == 0:
+            for got, want in zip(server_lps, ref):
+                worst[0] = max(float(worst[0]), float((torch.tensor(got) - want.double()).abs().max()))
+        if dist.get_world_size() > 1:
+            dist.broadcast(worst, src=0)
+        threshold = self.cfg.rollout.verify_threshold
+        self.last_probed_servers = len(seqs)
+        if threshold is not None and float(worst[0]) > threshold:  # every rank raises: no one waits forever
+            raise RuntimeError(
+                f"after weight sync to step {self.version}, a server's probe log-probs differ from the learner's by "
+                f"{float(worst[0]):.3g} > rollout.verify_threshold={threshold}: a bucket was corrupted or mis-named"
+            )
+        return float(worst[0])
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        return {"version": self.version}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.version = state["version"]
+
+    def close(self) -> None:
+        if self.fleet is not None:
+            if self.sync is not None:
+                self.sync.close()
+            self.fleet.stop()
+            self.fleet = None
