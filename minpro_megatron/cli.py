@@ -9,23 +9,6 @@ from pathlib import Path
 
 __all__ = ["train_main", "sweep_main", "eval_main", "slurm_main", "bench_losses_main", "main"]
 
-_NOT_BUILT = (
-    "minpro-{name}: not built yet: the {what} lands with the issue '{issue}'. "
-    "Until then this command only checks its config."
-)
-
-
-def _not_built(name: str, what: str, issue: str, argv: list[str]) -> int:
-    if argv and Path(argv[0]).suffix in (".yaml", ".yml"):
-        from minpro_megatron.config import load_config
-
-        cfg = load_config(argv[0], argv[1:])
-        cfg.validate()
-        print(f"config {argv[0]}: valid (loss={cfg.loss.name}, backend={cfg.rollout.backend})")
-    print(_NOT_BUILT.format(name=name, what=what, issue=issue))
-    return 0
-
-
 def train_main(argv: list[str] | None = None) -> int:
     from minpro_megatron.trainer import main
 
@@ -33,13 +16,15 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def sweep_main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    return _not_built("sweep", "staleness sweep", "End-to-end RL trainer", argv)
+    from minpro_megatron.sweep import main
+
+    return main(sys.argv[1:] if argv is None else argv)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    return _not_built("eval", "pass@k evaluation", "End-to-end RL trainer", argv)
+    from minpro_megatron.eval.passk import main
+
+    return main(sys.argv[1:] if argv is None else argv)
 
 
 def slurm_main(argv: list[str] | None = None) -> int:

@@ -89,6 +89,10 @@ class RLTrainer:
             import yaml
 
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if cfg.model.hf_path:  # the architecture comes from config.json, never from hand-written arguments
+            from minpro_megatron.convert.hf_config import resolve_model_config
+
+            cfg.model = resolve_model_config(cfg.model)
         self.tokenizer = load_tokenizer(cfg)
         self.eos_id = int(self.tokenizer.eos_token_id)
         self.bos_id = self.tokenizer.bos_token_id
@@ -113,6 +117,11 @@ class RLTrainer:
         )
         self._engine_state: dict | None = None
         resumed = self._maybe_resume()
+        if not resumed and cfg.model.hf_path:
+            from minpro_megatron.convert.loader import load_hf_weights
+
+            load_hf_weights(self.learner.model, cfg.model, cfg.model.hf_path)
+            self.learner.optimizer.reload_model_params()  # fp32 main copies of bf16 weights
         # The engine starts from the (possibly resumed) learner: SGLang servers boot from its weights.
         self.engine = make_engine(cfg, self.learner, self.eos_id, self.tokenizer, self.out_dir, version=self.rl_step)
         if self._engine_state is not None:
@@ -523,6 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(main.__doc__)
         return 0 if argv else 2
     cfg = load_config(argv[0], argv[1:])
+    if cfg.model.hf_path:  # validate against the real architecture (config.json)
+        from minpro_megatron.convert.hf_config import resolve_model_config
+
+        cfg.model = resolve_model_config(cfg.model)
     from minpro_megatron.learner.distributed import destroy_distributed, init_distributed
 
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)

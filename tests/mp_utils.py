@@ -98,17 +98,35 @@ def run_multiprocess(
                 errors[rank] = payload
                 first_error_at = first_error_at or time.monotonic()
     finally:
+        descendants = _descendants(procs)  # e.g. dist_checkpointing's Manager, before their parents go
         for p in procs:
             p.join(timeout=0 if errors else 10)
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=10)
+        for child in descendants:  # nothing a rank started may outlive the run
+            try:
+                child.kill()
+            except Exception:
+                pass
         results.close()
     if errors:
         report = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in sorted(errors.items()))
         raise MultiprocessError(f"{len(errors)} of {world_size} ranks failed:\n{report}")
     return [done[r] for r in range(world_size)]
+
+
+def _descendants(procs) -> list:
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            out += psutil.Process(p.pid).children(recursive=True)
+        except Exception:  # already gone
+            pass
+    return out
 
 
 def _drain(results: "mp.Queue", done: dict, errors: dict) -> None:

@@ -121,3 +121,33 @@ def test_bad_configs_fail_with_one_clear_error(overrides, match) -> None:
     with pytest.raises(ConfigError, match=match):
         cfg = load_config(TINY, overrides)
         cfg.validate(world_size=1)
+
+
+def _hf_policy_check(hf_dir: str, out: str) -> float:
+    """1 process: the trainer built from model.hf_path scores tokens exactly like transformers."""
+    import torch
+
+    from minpro_megatron.config import load_config
+    from minpro_megatron.learner.batch import TrainSample
+    from minpro_megatron.learner.distributed import init_distributed
+    from minpro_megatron.trainer import RLTrainer
+    from minpro_megatron.weights.verify import hf_logprob_reference
+
+    cfg = load_config(TINY, [*QUICK, f"model.hf_path={hf_dir}", f"logging.output_dir={out}"])
+    init_distributed(cfg.parallel, seed=0)
+    trainer = RLTrainer(cfg)
+    tokens = [1, 5, 6, 14, 7, 8, 17, 9, 10]
+    ours = trainer.learner.score([TrainSample(torch.tensor(tokens), 1, torch.zeros(len(tokens) - 1), 0.0)], temperature=1.0)[0]
+    from transformers import AutoModelForCausalLM
+
+    ref = hf_logprob_reference(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval())(tokens)
+    trainer.close()
+    return float((ours.double() - torch.tensor(ref, dtype=torch.float64)).abs().max())
+
+
+def test_trainer_starts_from_a_hugging_face_checkpoint(tmp_path) -> None:
+    from minpro_megatron.models.tiny_hf import make_tiny_model_dir
+
+    _, _, hf_dir = make_tiny_model_dir(tmp_path / "hf", kind="qwen3_moe", seed=3, initializer_range=0.125)
+    (diff,) = run_multiprocess(_hf_policy_check, 1, str(hf_dir), str(tmp_path / "run"), timeout=600)
+    assert diff < 1e-5

@@ -188,7 +188,9 @@ def load_checkpoint(
             template = model_sharded_state_dict(learner.model)
         try:
             state = dist_checkpointing.load(template, str(path))
-        except Exception as exc:  # name the missing / mismatched tensor
+        except BaseException as exc:  # torch's CheckpointException is a BaseException; name the tensor and path
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
             raise CheckpointError(f"loading {path} failed: {exc}") from exc
     chunks = [m.module if hasattr(m, "module") else m for m in learner.model]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
@@ -199,7 +201,9 @@ def load_checkpoint(
             learner.optimizer.load_state_dict(state["optimizer"])
         if same_layout and "rng_state" in state:
             _set_rng_state(state["rng_state"])
-    if load_optimizer:
+    else:  # bf16/fp16 models keep fp32 main copies in the optimizer: refresh them from the loaded weights
+        learner.optimizer.reload_model_params()
+    if load_optimizer and "scheduler" in common:  # model-only checkpoints (tools/convert_hf_to_megatron) have none
         learner.scheduler.load_state_dict(common["scheduler"])
         learner.step = int(common["step"])
     return dict(common.get("extra") or {})

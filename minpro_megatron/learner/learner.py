@@ -210,9 +210,10 @@ class Learner:
         mbs = [self._pack(s) for s in split_micro_batches(shard, cfg.train.micro_batch_size)]
         scale = float(self.ps.get_data_parallel_world_size(with_context_parallel=True) * len(mbs))
         temperature = cfg.rollout.temperature
+        vocab = cfg.model.vocab_size  # the output layer may carry TP padding rows beyond it
 
         def loss_fn(mb: MicroBatch, hidden: torch.Tensor, weight: torch.Tensor, model: torch.nn.Module):
-            logp, ent = logprobs_from_hidden(model, hidden, weight, mb.inputs, temperature=temperature)
+            logp, ent = logprobs_from_hidden(model, hidden, weight, mb.inputs, temperature=temperature, valid_vocab=vocab)
             share, metrics = policy_loss(
                 logp, mb.old_logp, mb.advantages, mb.mask, mb.layout, cfg.loss, ref_logp=mb.ref_logp, totals=totals
             )
@@ -243,9 +244,10 @@ class Learner:
         totals = global_batch_totals(shard, self.ps.get_data_parallel_group())
         mbs = [self._pack(s) for s in split_micro_batches(shard, self.cfg.train.micro_batch_size)]
         scale = float(self.ps.get_data_parallel_world_size(with_context_parallel=True) * len(mbs))
+        vocab = self.cfg.model.vocab_size
 
         def loss_fn(mb: MicroBatch, hidden: torch.Tensor, weight: torch.Tensor, model: torch.nn.Module):
-            logp, _ = logprobs_from_hidden(model, hidden, weight, mb.inputs, temperature=1.0, with_entropy=False)
+            logp, _ = logprobs_from_hidden(model, hidden, weight, mb.inputs, temperature=1.0, with_entropy=False, valid_vocab=vocab)
             nll = -torch.where(mb.mask, logp, 0.0).sum() / max(totals.num_tokens, 1.0)
             t = all_reduce_sum(torch.stack([nll.detach().double(), mb.mask.sum().double()]), mb.layout.dp_cp_group)
             return nll * scale, {"loss": float(t[0]), "num_tokens": float(t[1])}
@@ -272,10 +274,11 @@ class Learner:
         """Current-policy log-probs of every response token of ``shard`` (forward only), on every rank of
         the DP group: for recomputing behaviour log-probs, reference log-probs and sync verification."""
         temperature = self.cfg.rollout.temperature if temperature is None else temperature
+        vocab = self.cfg.model.vocab_size
         mbs = [self._pack([s]) for s in shard]
 
         def loss_fn(mb: MicroBatch, hidden: torch.Tensor, weight: torch.Tensor, model: torch.nn.Module):
-            logp, _ = logprobs_from_hidden(model, hidden, weight, mb.inputs, temperature=temperature, with_entropy=False)
+            logp, _ = logprobs_from_hidden(model, hidden, weight, mb.inputs, temperature=temperature, with_entropy=False, valid_vocab=vocab)
             full = _gather_cp(logp, mb)
             s = mb.samples[0]
             resp = full[s.prompt_len - 1 : s.prompt_len - 1 + s.response_len]
@@ -313,7 +316,7 @@ class Learner:
             is_last = layout.local_positions == layout.seqlens[layout.local_seq_ids] - 1
             rows = torch.nonzero(is_last).flatten()
             local = hidden[rows].float() @ weight.float().t()  # [k, V / TP]
-            local = tensor_parallel.gather_from_tensor_model_parallel_region(local)  # [k, V]
+            local = tensor_parallel.gather_from_tensor_model_parallel_region(local)[:, : self.cfg.model.vocab_size]
             full = local.new_zeros((layout.num_seqs, local.shape[1]))
             full[layout.local_seq_ids[rows]] = local
             if layout.cp_size > 1:  # each sequence's last token lives on exactly one CP rank

@@ -22,6 +22,8 @@ aligned with ``ZigzagLayout``'s local tokens: entry i is log p(token after local
 
 from __future__ import annotations
 
+import math
+
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -58,7 +60,8 @@ def _all_reduce(t: Tensor, group: dist.ProcessGroup | None, op: Any = dist.Reduc
 
 class _ChunkedVocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, vocab_start, inv_temp, group, chunk, with_entropy):
+    def forward(ctx, hidden, weight, labels, vocab_start, inv_temp, group, chunk, with_entropy, pad_from):
+        # pad_from: first local column that is vocabulary padding (rows added to divide V by TP), or None
         n, v_local = hidden.shape[0], weight.shape[0]
         cdt = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         w = weight.to(cdt)
@@ -70,6 +73,8 @@ class _ChunkedVocabParallelLogProbs(torch.autograd.Function):
             z = hidden[s:e].to(cdt) @ w.t()
             if inv_temp != 1.0:
                 z.mul_(inv_temp)
+            if pad_from is not None:
+                z[:, pad_from:] = -math.inf  # padded ids are not tokens: no probability mass
             m = z.max(dim=-1).values
             _all_reduce(m, group, dist.ReduceOp.MAX)
             z.sub_(m[:, None])
@@ -79,6 +84,8 @@ class _ChunkedVocabParallelLogProbs(torch.autograd.Function):
             p = z.exp()
             stats = [p.sum(-1), target]
             if with_entropy:
+                if pad_from is not None:
+                    z[:, pad_from:] = 0.0  # p is 0 there; avoid 0 * -inf
                 stats.append(p.mul_(z).sum(-1))  # sum exp(z) * z  (z shifted by the max)
             del p
             stats = _all_reduce(torch.stack(stats), group)
@@ -90,6 +97,7 @@ class _ChunkedVocabParallelLogProbs(torch.autograd.Function):
             del z
         ctx.save_for_backward(hidden, weight, labels, lse, ent if with_entropy else lse)
         ctx.vocab_start, ctx.inv_temp, ctx.chunk, ctx.with_entropy = vocab_start, inv_temp, chunk, with_entropy
+        ctx.pad_from = pad_from
         if with_entropy:
             return logp, ent
         return logp, torch.zeros(0, device=hidden.device)
@@ -114,6 +122,9 @@ class _ChunkedVocabParallelLogProbs(torch.autograd.Function):
             if inv_temp != 1.0:
                 z.mul_(inv_temp)
             p = (z - lse[s:e, None]).exp_()
+            if ctx.pad_from is not None:
+                p[:, ctx.pad_from :] = 0.0
+                z[:, ctx.pad_from :] = 0.0
             g1 = g_logp[s:e].to(cdt)
             if use_ent:
                 # d logp/dz = onehot - p ;  dH/dz = -p (z - E_p[z]),  E_p[z] = lse - H
@@ -135,7 +146,7 @@ class _ChunkedVocabParallelLogProbs(torch.autograd.Function):
             del z, gz
         if need_w:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 class _SumGradOverGroup(torch.autograd.Function):
@@ -161,6 +172,7 @@ def vocab_parallel_logprobs(
     sequence_parallel: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     with_entropy: bool = True,
+    valid_vocab: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """log p(labels) and entropy ([T], fp32; fp64 for fp64 inputs) from final hidden states and the output-layer weight.
 
@@ -170,6 +182,8 @@ def vocab_parallel_logprobs(
         weight: this TP rank's rows of the output layer, [V / TP, H] (megatron's contiguous shards).
         labels: [T] global vocabulary ids in [0, V).
         temperature: the sampling temperature (> 0); logits are divided by it.
+        valid_vocab: the tokenizer's vocabulary size when the output layer has padding rows (V padded to a
+            multiple of TP); ids >= valid_vocab get no probability mass.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (logprobs of greedy decoding use temperature=1), got {temperature}")
@@ -193,9 +207,15 @@ def vocab_parallel_logprobs(
     vocab = weight.shape[0] * tp
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
         raise ValueError(f"labels must lie in [0, vocab={vocab}); mask ignored positions instead of using -100")
+    pad_from = None
+    if valid_vocab is not None and valid_vocab < vocab:
+        if labels.numel() and int(labels.max()) >= valid_vocab:
+            raise ValueError(f"labels must lie in [0, valid_vocab={valid_vocab}) (ids above are vocabulary padding)")
+        pad_from = min(max(valid_vocab - tp_rank * weight.shape[0], 0), weight.shape[0])
+        pad_from = None if pad_from == weight.shape[0] else pad_from
     logp, ent = _ChunkedVocabParallelLogProbs.apply(
         hidden, weight, labels, tp_rank * weight.shape[0], 1.0 / temperature, tp_group if tp > 1 else None,
-        chunk_size, with_entropy,
+        chunk_size, with_entropy, pad_from,
     )
     return logp, (ent if with_entropy else None)
 
@@ -377,6 +397,7 @@ def logprobs_from_hidden(
     temperature: float = 1.0,
     with_entropy: bool = True,
     chunk_size: int = DEFAULT_CHUNK,
+    valid_vocab: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Masked per-token logp / entropy (0 where ``inputs.label_mask`` is False), CP-local."""
     logp, ent = vocab_parallel_logprobs(
@@ -388,6 +409,7 @@ def logprobs_from_hidden(
         sequence_parallel=bool(_unwrap(model).config.sequence_parallel),
         chunk_size=chunk_size,
         with_entropy=with_entropy,
+        valid_vocab=valid_vocab,
     )
     mask = inputs.label_mask
     logp = torch.where(mask, logp, torch.zeros_like(logp))
