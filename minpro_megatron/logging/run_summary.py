@@ -38,9 +38,9 @@ PLOT_TAGS = [
 def write_run_summary(run_dir: str | Path, label: str | None = None) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     scalars = read_scalars(run_dir / "tb")
-    rows = summary_rows(scalars, [t for t in SUMMARY_TAGS if t in scalars])
+    rows = summary_rows(scalars, [t for t in SUMMARY_TAGS if t in scalars], window=10)
     table = run_dir / "summary.md"
-    write_markdown_table(rows, table, title=f"Run summary: {label or run_dir.name} (first / last 5 logged points)")
+    write_markdown_table(rows, table, title=f"Run summary: {label or run_dir.name} (means of the first / last 10 logged points)")
     plot = plot_runs({label or run_dir.name: scalars}, [t for t in PLOT_TAGS if t in scalars], run_dir / "plot.png",
                      title=label or run_dir.name, smooth=3)
     return table, plot

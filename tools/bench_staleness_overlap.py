@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Step time with staleness 0 vs staleness 2 on the embedded default, measured in one run.
+
+With exact delay n >= 1 the batch of step s + n is generated (on the SGLang fleet, by rank 0's async
+client) while the learner trains step s, so a step costs about max(rollout, train) + sync instead of
+rollout + train + sync. The local engine shares the learner's model and process, so it cannot overlap:
+it is measured as the reference. Each configuration runs as its own trainer process; the table reports
+the mean over steps after the first two (start-up and the initial n + 1 batches excluded).
+
+    python tools/bench_staleness_overlap.py [--steps 8] [--backends sglang local] [--png overlap.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "examples" / "tiny_moe_cpu.yaml"
+
+
+def run(backend: str, n: int, steps: int, out: Path) -> dict[str, float]:
+    overrides = [f"train.steps={steps}", "train.warm_start_steps=20", f"rollout.staleness.n={n}",
+                 f"rollout.backend={backend}", f"logging.output_dir={out}", "data.num_eval=32"]
+    if backend == "sglang":
+        overrides += ["rollout.num_servers=1", "rollout.base_port=0", "rollout.router_port=0"]
+    cmd = [sys.executable, "-m", "minpro_megatron.cli", "train", str(CONFIG), *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode:
+        raise RuntimeError(f"{backend} n={n} failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "tb" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "time/step_s" in r and r["step"] > 2]
+    keys = ["time/step_s", "time/rollout_s", "time/rollout_wait_s", "time/train_s", "time/sync_s"]
+    return {k: statistics.fmean(float(r.get(k, 0.0)) for r in rows) for k in keys}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--backends", nargs="+", default=["sglang", "local"])
+    ap.add_argument("--png", default=None)
+    args = ap.parse_args()
+    results: dict[tuple[str, int], dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in args.backends:
+            for n in (0, 2):
+                results[(backend, n)] = run(backend, n, args.steps, Path(tmp) / f"{backend}-n{n}")
+    print("\n## Step time, staleness 0 vs 2 (embedded default; mean of steps 3..N; seconds)\n")
+    print("| backend | n | step | rollout | waited for rollout | train | sync | step / step(n=0) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (backend, n), r in results.items():
+        base = results[(backend, 0)]["time/step_s"]
+        print(f"| {backend} | {n} | {r['time/step_s']:.3f} | {r['time/rollout_s']:.3f} | {r['time/rollout_wait_s']:.3f} | "
+              f"{r['time/train_s']:.3f} | {r['time/sync_s']:.3f} | {r['time/step_s'] / base:.2f} |")
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = [f"{b}\nn={n}" for b, n in results]
+        parts = ["time/rollout_wait_s", "time/train_s", "time/sync_s"]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        bottom = [0.0] * len(labels)
+        for part in parts:
+            vals = [r[part] for r in results.values()]
+            ax.bar(labels, vals, bottom=bottom, label=part.split("/")[1])
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_ylabel("seconds per step")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=110)
+        print(f"\nplot: {args.png}")
+
+
+if __name__ == "__main__":
+    main()
