@@ -80,7 +80,9 @@ def test_kill_9_and_resume_trains_the_same_next_step(tmp_path) -> None:
     common = ["train.steps=4", "rollout.staleness.n=2", "checkpoint.save_interval=1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "uninterrupted"
-    subprocess.run(_cli([*common, f"logging.output_dir={ref}"]), check=True, env=env, cwd=REPO, capture_output=True, timeout=900)
+    first = subprocess.run(_cli([*common, f"logging.output_dir={ref}"]), env=env, cwd=REPO, capture_output=True, text=True,
+                           timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(_cli([*common, f"logging.output_dir={run}"]), env=env, cwd=REPO,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
@@ -67,16 +66,23 @@ def init_distributed(
     dp = _check_world(parallel, world_size)  # before any process group exists: nothing to clean up
     if owns:
         rank = int(os.environ.get("RANK", "0"))
-        if world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        init_method = None
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # a single process needs no TCP rendezvous: a file store cannot lose a race for a free port
+            import tempfile
+
+            fd, path = tempfile.mkstemp(prefix="minpro-pg-")
+            os.close(fd)
+            os.unlink(path)
+            init_method = f"file://{path}"
         elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             raise RuntimeError(
                 f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun "
                 "(or srun + torchrun) or export them"
             )
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_minutes)
+            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_minutes),
+            init_method=init_method,
         )
     rank = dist.get_rank()
     if ps.model_parallel_is_initialized():
@@ -132,9 +138,3 @@ def distributed_context(parallel: ParallelConfig, **kwargs) -> Iterator[Distribu
         yield ctx
     finally:
         destroy_distributed(ctx)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
