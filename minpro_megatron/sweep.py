@@ -45,6 +45,8 @@ def _last(points: Sequence[tuple[int, float]], k: int = 5) -> float:
 
 
 def _run_info(run_dir: Path) -> dict | None:
+    if not (run_dir / "config.yaml").is_file() and (run_dir / "output").is_dir():
+        run_dir = run_dir / "output"  # a Slurm array task: RUN_DIR/output is the trainer's output dir
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file() or not (run_dir / "tb").is_dir():
         return None

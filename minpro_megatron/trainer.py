@@ -23,6 +23,7 @@ import torch.distributed as dist
 from minpro_megatron.advantages import group_advantages
 from minpro_megatron.config import RunConfig, load_config, to_dict
 from minpro_megatron.data.dataset import PromptStream, load_dataset_pair
+from minpro_megatron.data.prompts import encode_prompt
 from minpro_megatron.data.tasks import Problem
 from minpro_megatron.learner.batch import TrainSample, global_batch_totals
 from minpro_megatron.logging.writer import MetricsWriter
@@ -134,8 +135,7 @@ class RLTrainer:
 
     # ---- tokens ------------------------------------------------------------------------------------------
     def encode_prompt(self, problem: Problem) -> list[int]:
-        ids = self.tokenizer.encode(problem.prompt, add_special_tokens=False)
-        return ([self.bos_id] if self.bos_id is not None else []) + list(ids)
+        return encode_prompt(self.tokenizer, problem.prompt, self.cfg.data.chat_template)
 
     def decode_response(self, ids: Sequence[int]) -> str:
         ids = list(ids)

@@ -86,3 +86,20 @@ def test_group_advantages() -> None:
     assert adv == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std], rel=1e-5)
     assert group_advantages([1.0, 1.0, 1.0]) == [0.0, 0.0, 0.0]
     assert group_advantages([1.0]) == [0.0]
+
+
+def test_prompt_encoding_with_and_without_chat_template() -> None:
+    from minpro_megatron.data.prompts import encode_prompt
+    from minpro_megatron.models.tiny_hf import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    assert encode_prompt(tok, "12+3=") == [tok.bos_token_id] + tok.encode("12+3=", add_special_tokens=False)
+    with pytest.raises(ValueError, match="data.chat_template=true but the tokenizer has no chat template"):
+        encode_prompt(tok, "12+3=", chat_template=True)
+    # role markers from the character alphabet: user x, system z, assistant a
+    tok.chat_template = ("{% for m in messages %}{{ 'x' if m['role'] == 'user' else 'z' }}={{ m['content'] }},{% endfor %}"
+                         "{% if add_generation_prompt %}a={% endif %}")
+    ids = encode_prompt(tok, "12+3", chat_template=True)
+    assert tok.decode(ids) == "x=12+3,a="
+    msgs = json.dumps([{"role": "system", "content": "x"}, {"role": "user", "content": "1+1"}])
+    assert tok.decode(encode_prompt(tok, msgs, chat_template=True)) == "z=x,x=1+1,a="

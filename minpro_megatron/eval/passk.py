@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from minpro_megatron.config import load_config
     from minpro_megatron.data.dataset import load_problems
+    from minpro_megatron.data.prompts import encode_prompt
     from minpro_megatron.learner.checkpoint import load_checkpoint
     from minpro_megatron.learner.distributed import destroy_distributed, init_distributed
     from minpro_megatron.learner.learner import Learner
@@ -78,8 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_real = len(problems)
             problems += problems[: (-n_real) % dp]  # pad to the DP size; padded copies are dropped below
             mine = problems[r::dp]
-            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-            prompts = [bos + tok.encode(pr.prompt, add_special_tokens=False) for pr in mine]
+            prompts = [encode_prompt(tok, pr.prompt, cfg.data.chat_template) for pr in mine]
             groups = engine.generate(prompts, params)
             counts = []
             for pr, g in zip(mine, groups):
