@@ -102,7 +102,7 @@ def plot_runs(
                 continue
             steps = [s for s, _ in pts]
             vals = [v for _, v in pts]
-            if smooth > 1:
+            if smooth > 1 and len(vals) > 4 * smooth:  # sparse series (evaluations) are drawn as they are
                 vals = [sum(vals[max(0, i - smooth + 1) : i + 1]) / len(vals[max(0, i - smooth + 1) : i + 1]) for i in range(len(vals))]
             ax.plot(steps, vals, label=label, lw=1.4)
         ax.set_title(tag, fontsize=9)
