@@ -153,3 +153,21 @@ def test_trainer_starts_from_a_hugging_face_checkpoint(tmp_path) -> None:
     _, _, hf_dir = make_tiny_model_dir(tmp_path / "hf", kind="qwen3_moe", seed=3, initializer_range=0.125)
     (diff,) = run_multiprocess(_hf_policy_check, 1, str(hf_dir), str(tmp_path / "run"), timeout=600)
     assert diff < 1e-5
+
+
+@pytest.mark.parametrize("n,overflow", [(1, "drop"), (0, "drop"), (0, "requeue")])
+def test_bounded_age_staleness_admits_drops_and_requeues(tmp_path, n, overflow) -> None:
+    out = tmp_path / "run"
+    argv = [str(TINY), *QUICK, "train.eval_interval=0", "checkpoint.save_interval=0", f"logging.output_dir={out}",
+            "rollout.staleness.mode=bounded", f"rollout.staleness.n={n}", f"rollout.staleness.overflow={overflow}"]
+    assert run_multiprocess(run_trainer, 1, argv, timeout=600) == [0]
+    scalars = read_scalars(out / "tb")
+    ages = [v for _, v in scalars["rollout/staleness_mean"]]
+    dropped = [v for _, v in scalars["rollout/stale_dropped"]]
+    requeued = [v for _, v in scalars["rollout/stale_requeued"]]
+    if n == 1:  # the run-ahead batch (generated during step s) trains at step s + 1: age 1, never stale
+        assert ages == [0.0, 1.0, 1.0] and dropped == [0.0, 0.0, 0.0]
+    else:  # n = 0: every run-ahead batch is one version too old when the next step comes
+        assert ages == [0.0, 0.0, 0.0]
+        counted = dropped if overflow == "drop" else requeued
+        assert counted == [0.0, 8.0, 16.0]  # 8 groups per step, cumulative
