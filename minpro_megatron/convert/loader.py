@@ -73,9 +73,9 @@ def load_hf_weights(
 
 def _check_all_used(ckpt: HFCheckpoint, used: set[str], mapped: set[str]) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        every: list = [None] * dist.get_world_size()
-        dist.all_gather_object(every, sorted(used))
-        used = set().union(*map(set, every))
+        from minpro_megatron.parallel.json_collectives import all_gather_json
+
+        used = set().union(*map(set, all_gather_json(sorted(used))))
     names = [n for n in ckpt.names() if not n.endswith(IGNORED_HF_TENSORS)]
     unknown = sorted(set(names) - mapped)
     if unknown:

@@ -25,6 +25,7 @@ from minpro_megatron.learner.logprobs import capture_output_layer_input, logprob
 from minpro_megatron.learner.model_provider import build_model_chunks, transformer_config_from
 from minpro_megatron.losses import BatchTotals, policy_loss
 from minpro_megatron.parallel.cp_layout import ZigzagLayout
+from minpro_megatron.parallel.json_collectives import broadcast_json
 from minpro_megatron.parallel.reduce import all_reduce_sum
 
 __all__ = ["Learner", "StepResult", "combine_microbatch_metrics"]
@@ -285,8 +286,8 @@ class Learner:
             return torch.zeros((), device=logp.device), {"logp": resp.cpu()}
 
         reports = self._run_schedule(mbs, loss_fn, forward_only=True)
-        logps = [r["logp"] for r in reports] if self.is_last_stage else None
-        return self._share_from_last_stage(logps)
+        logps = [r["logp"].tolist() for r in reports] if self.is_last_stage else None
+        return [torch.tensor(lp, dtype=torch.float32) for lp in self._share_from_last_stage(logps)]
 
     @torch.no_grad()
     def last_token_logits(self, sequences: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -327,14 +328,11 @@ class Learner:
         return reports[0]["logits"] if self.is_last_stage else None
 
     def _share_from_last_stage(self, obj: Any) -> Any:
-        """Broadcast a Python object from the last pipeline stage to the other stages."""
+        """Broadcast JSON-able data from the last pipeline stage to the other stages."""
         ps = self.ps
         if ps.get_pipeline_model_parallel_world_size() == 1:
             return obj
-        box = [obj]
-        src = ps.get_pipeline_model_parallel_last_rank()
-        dist.broadcast_object_list(box, src=src, group=ps.get_pipeline_model_parallel_group())
-        return box[0]
+        return broadcast_json(obj, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
 
 
 @dataclass

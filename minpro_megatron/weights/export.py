@@ -25,6 +25,8 @@ the transport (weights/sync.py) unchanged. Tensors handed out may alias live par
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -83,8 +85,10 @@ class HFExporter:
         ]
         every: list = [mine]
         if world > 1:
-            every = [None] * world
-            dist.all_gather_object(every, mine)
+            from minpro_megatron.parallel.json_collectives import all_gather_json
+
+            every = [[_Piece(*(tuple(v) if isinstance(v, list) else v for v in p)) for p in pieces]
+                     for pieces in all_gather_json([dataclasses.astuple(p) for p in mine])]
         self.plan = _plan(maps, every)
         self.device = next(iter(self._local.values())).tensor.device if self._local else torch.device("cpu")
 
