@@ -63,6 +63,9 @@ class ModelConfig:
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     init_method_std: float = 0.02
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Layer implementation: auto = TransformerEngine when CUDA and TE are present, else megatron's local
+    # spec (the only choice on CPU); local / transformer_engine force one (the GPU check compares them).
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     # Set by convert.hf_config from config.json (Qwen2 / Qwen2-MoE / Llama / Mixtral need them):
     add_qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2); o_proj has none
     moe_shared_expert_gate: bool = False  # sigmoid(x @ w) scales the shared expert's output (Qwen2-MoE)

@@ -21,6 +21,8 @@ to_megatron_provider, load_hf_weights, export_hf_weights).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -30,28 +32,47 @@ import torch.distributed as dist
 
 from minpro_megatron.weights.buckets import Bucket, iter_buckets
 
-__all__ = ["MegatronBridgeBackend", "bridge_available", "BridgeUnavailableError"]
+__all__ = ["MegatronBridgeBackend", "bridge_available", "bridge_unavailable_reason", "BridgeUnavailableError"]
 
 
 class BridgeUnavailableError(ImportError):
     pass
 
 
-def bridge_available() -> bool:
-    """True when ``megatron.bridge`` is importable (checked without importing it)."""
+@functools.lru_cache(maxsize=1)
+def bridge_unavailable_reason() -> str | None:
+    """None when ``megatron.bridge`` imports, else why not (the last line of the import error).
+
+    The import is tried, not just looked up: an installed bridge can fail to import (it imports
+    ``transformer_engine.pytorch`` unguarded in peft/lora_layers.py, which fails without TE or without
+    CUDA libraries), and ``find_spec`` would still answer True.
+    """
     try:
-        return importlib.util.find_spec("megatron.bridge") is not None
-    except (ImportError, ValueError):
-        return False
+        if importlib.util.find_spec("megatron.bridge") is None:
+            return ("Megatron-Bridge is not installed (pip install megatron-bridge; current releases need "
+                    "Python >= 3.12 and TransformerEngine)")
+    except (ImportError, ValueError) as exc:
+        return f"megatron.bridge cannot be located: {exc}"
+    try:
+        import megatron.core  # noqa: F401  (the bridge expects megatron.core imported first)
+
+        importlib.import_module("megatron.bridge")
+    except Exception as exc:  # ImportError, or RuntimeError from a TE build without matching CUDA
+        first = (str(exc).strip().splitlines() or [""])[-1]
+        return (f"Megatron-Bridge is installed but does not import ({type(exc).__name__}: {first}); it needs "
+                "TransformerEngine, i.e. a GPU machine")
+    return None
+
+
+def bridge_available() -> bool:
+    """True when ``megatron.bridge`` imports in this process (tried once, then cached)."""
+    return bridge_unavailable_reason() is None
 
 
 def _auto_bridge() -> Any:
-    if not bridge_available():
-        raise BridgeUnavailableError(
-            "Megatron-Bridge is not installed (pip install megatron-bridge; Python >= 3.12 for current releases); "
-            "the built-in converter (minpro_megatron.convert) needs nothing extra"
-        )
-    import megatron.core  # noqa: F401  (the bridge expects megatron.core imported first)
+    reason = bridge_unavailable_reason()
+    if reason is not None:
+        raise BridgeUnavailableError(f"{reason}; the built-in converter (minpro_megatron.convert) needs nothing extra")
     from megatron.bridge import AutoBridge
 
     return AutoBridge

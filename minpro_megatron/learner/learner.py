@@ -130,6 +130,8 @@ class Learner:
             wd_incr_style="constant",
         )
         self.step = 0  # optimizer updates done
+        # packed inputs and loss tensors live where the model does (the current CUDA device, or the CPU)
+        self.device = next(self.model[0].parameters()).device
 
     # ---- parallel geometry ---------------------------------------------------------------------------
     @property
@@ -154,6 +156,7 @@ class Learner:
             dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
             tp_size=ps.get_tensor_model_parallel_world_size(),
             sequence_parallel=bool(self.config.sequence_parallel),
+            device=self.device,
         )
 
     # ---- forward / backward ----------------------------------------------------------------------------
@@ -306,7 +309,7 @@ class Learner:
             if self.config.sequence_parallel else 1,
         )
         inputs = prepare_packed_inputs(
-            list(sequences), layout, tp_size=ps.get_tensor_model_parallel_world_size(),
+            list(sequences), layout, device=self.device, tp_size=ps.get_tensor_model_parallel_world_size(),
             sequence_parallel=bool(self.config.sequence_parallel),
         )
 
@@ -315,11 +318,11 @@ class Learner:
                 hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
             hidden = hidden.reshape(hidden.shape[0], -1)
             is_last = layout.local_positions == layout.seqlens[layout.local_seq_ids] - 1
-            rows = torch.nonzero(is_last).flatten()
+            rows = torch.nonzero(is_last).flatten().to(hidden.device)
             local = hidden[rows].float() @ weight.float().t()  # [k, V / TP]
             local = tensor_parallel.gather_from_tensor_model_parallel_region(local)[:, : self.cfg.model.vocab_size]
             full = local.new_zeros((layout.num_seqs, local.shape[1]))
-            full[layout.local_seq_ids[rows]] = local
+            full[layout.local_seq_ids.to(hidden.device)[rows]] = local
             if layout.cp_size > 1:  # each sequence's last token lives on exactly one CP rank
                 dist.all_reduce(full, group=layout.cp_group)
             return torch.zeros((), device=full.device), {"logits": full}

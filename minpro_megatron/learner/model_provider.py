@@ -33,9 +33,19 @@ __all__ = [
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def te_usable() -> bool:
-    """TransformerEngine layer spec only with CUDA present and TE installed (checked without importing TE)."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+def te_usable(model: ModelConfig | None = None) -> bool:
+    """Whether the TransformerEngine layer spec is used: ``model.transformer_impl`` (auto: only with CUDA
+    present and TE installed, checked without importing TE; transformer_engine: required, else ConfigError)."""
+    impl = model.transformer_impl if model is not None else "auto"
+    available = torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    if impl == "local":
+        return False
+    if impl == "transformer_engine" and not available:
+        raise ConfigError(
+            "model.transformer_impl=transformer_engine needs CUDA and an importable transformer_engine; "
+            "install TransformerEngine on the GPU machine or set model.transformer_impl=auto"
+        )
+    return available
 
 
 def validate_model_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
@@ -152,7 +162,7 @@ def transformer_config_from(
             moe_router_dtype="fp32",
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
-            moe_grouped_gemm=te_usable(),  # TEGroupedMLP on GPU; SequentialMLP on CPU
+            moe_grouped_gemm=te_usable(model),  # TEGroupedMLP on GPU; SequentialMLP on CPU
         )
     fields = set(TransformerConfig.__dataclass_fields__)
     unknown = sorted(set(overrides) - fields)
@@ -170,7 +180,7 @@ def layer_spec_for(model: ModelConfig, config: Any, *, use_te: bool | None = Non
     """TE spec (GPU) or the local spec with the CPU packed/CP core attention."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    use_te = te_usable() if use_te is None else use_te
+    use_te = te_usable(model) if use_te is None else use_te
     num_experts = model.num_experts if model.is_moe else None
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(

@@ -115,11 +115,11 @@ def batch_totals(inputs: PolicyInputs, seq_count: torch.Tensor | None) -> BatchT
     layout = inputs.layout
     local_tokens = inputs.valid.sum().double()
     if seq_count is None:
-        local_seqs = torch.tensor(math.nan, dtype=torch.float64)
+        local_seqs = torch.tensor(math.nan, dtype=torch.float64, device=local_tokens.device)
     elif layout.cp_rank == 0:  # every CP rank sees every sequence: count them once
         local_seqs = (seq_count > 0).sum().double()
     else:
-        local_seqs = torch.zeros((), dtype=torch.float64)
+        local_seqs = torch.zeros((), dtype=torch.float64, device=local_tokens.device)
     t = all_reduce_sum(torch.stack([local_tokens, local_seqs.to(local_tokens.device)]), layout.dp_cp_group)
     return BatchTotals(float(t[0]), float(t[1]))
 

@@ -2,10 +2,14 @@
 
 ``apply_cpu_compat()`` patches megatron-core where it assumes a GPU. It is idempotent and does
 nothing when ``torch.cuda.is_available()``. Call it before building models (``learner.distributed``
-does). Every patch names the megatron-core code it works around (file:function, 0.16.1 line numbers;
-the same code is still there in the 0.19.1 and 0.20.0 sources, where the tests also pass). A patch whose target moved or vanished in a newer release is
-skipped and logged, never an import error. ``tests/parallel/test_cpu_compat.py`` shows, in a fresh
-process, each failure without the patch and the behaviour with it.
+does). Every patch names the megatron-core code it works around (file:function, 0.16.1 line numbers
+unless a target says otherwise). A patch whose target moved or vanished in another release is skipped
+and logged, never an import error. ``tests/parallel/test_cpu_compat.py`` shows, in a fresh process,
+each failure without the patch and the behaviour with it.
+
+Versions the tests execute: megatron-core 0.19.2 on Python 3.12 (the main environment, whole suite)
+and 0.16.1 on Python 3.11 (the second CI leg: compat, learner, conversion and loss tests). On a GPU
+(H200, 0.19.2) the layer is a no-op and the learner matches this CPU path (tools/gpu_check.py, part a).
 
 Scope rules, narrowest first:
   * replace or wrap one megatron function/method (found by name, re-bound in every megatron module
@@ -332,6 +336,12 @@ _MODE_TARGETS: list[tuple[str, str | None, str]] = [
     # dist_checkpointing/strategies/state_dict_saver.py:204, exchange_utils.py:104-499 (device="cuda")
     ("megatron.core.dist_checkpointing.serialization", None, "save"),
     ("megatron.core.dist_checkpointing.serialization", None, "load"),
+    # New in 0.19 (absent in 0.16.1, where these targets are skipped): optimizer/optimizer.py:315
+    # MegatronOptimizer.has_grad_norm_group builds its flag with device='cuda' (reached from
+    # ChainedOptimizer.step -> clip_grad_norm whenever clip_grad > 0); layer_wise_optimizer.py:837
+    # LayerWiseDistributedOptimizer.has_grad_norm_group has the same literal.
+    ("megatron.core.optimizer.optimizer", "MegatronOptimizer", "has_grad_norm_group"),
+    ("megatron.core.optimizer.layer_wise_optimizer", "LayerWiseDistributedOptimizer", "has_grad_norm_group"),
 ]
 
 

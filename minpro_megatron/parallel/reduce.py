@@ -31,10 +31,31 @@ __all__ = [
 _ARITY = 16
 
 
+def comm_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where a collective over ``group`` needs its tensors: NCCL-only groups take CUDA tensors, gloo
+    (or a mixed cpu:gloo,cuda:nccl group) takes CPU tensors as they are."""
+    backend = str(dist.get_backend(group))
+    if "gloo" not in backend and "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
+        dev = comm_device(group)
+        if t.device.type == "cpu" and dev.type != "cpu":  # a CPU counter reduced over an NCCL group
+            moved = t.to(dev)
+            dist.all_reduce(moved, op=op, group=group)
+            t.copy_(moved)
+        else:
+            dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def _stack_scalars(values: list) -> torch.Tensor:
+    """float64 [n] from Python numbers and 0-d tensors, on the device of the first tensor among them."""
+    device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
 
 
 def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -76,17 +97,18 @@ def largest_true(
     w_all = weights.reshape(-1).double() if weights is not None else None
     inside = keys > lo
     # Global (count, sum) of the keys <= lo, which the search never revisits.
-    below_sum = w_all[~inside].sum() if w_all is not None else torch.zeros((), dtype=torch.float64)
+    dev = keys.device
+    below_sum = w_all[~inside].sum() if w_all is not None else torch.zeros((), dtype=torch.float64, device=dev)
     base = all_reduce_sum(torch.stack([(~inside).sum().double(), below_sum]), group)
     keys = keys[inside]
     w = w_all[inside] if w_all is not None else None
     while hi > lo:
         span = hi - lo
-        cands = torch.tensor(sorted({lo + max(1, math.ceil(span * j / (_ARITY - 1))) for j in range(1, _ARITY)}))
+        cands = torch.tensor(sorted({lo + max(1, math.ceil(span * j / (_ARITY - 1))) for j in range(1, _ARITY)}), device=dev)
         m = cands.numel()
         idx = torch.bucketize(keys, cands, right=False)  # j: cands[j-1] < key <= cands[j]
         counts = torch.bincount(idx, minlength=m + 1)[:m].double()
-        sums = torch.bincount(idx, weights=w, minlength=m + 1)[:m] if w is not None else torch.zeros(m, dtype=torch.float64)
+        sums = torch.bincount(idx, weights=w, minlength=m + 1)[:m] if w is not None else torch.zeros(m, dtype=torch.float64, device=dev)
         stats = all_reduce_sum(torch.stack([counts, sums], dim=1), group).cumsum(0) + base
         ok = predicate(stats[:, 0], stats[:, 1])
         trues = torch.nonzero(ok).flatten()
@@ -179,7 +201,7 @@ class MetricBag:
         v = values.detach()
         if mask is not None:
             v = torch.where(mask, v, empty)
-        store[name] = fn(v).double() if v.numel() else torch.tensor(empty, dtype=torch.float64)
+        store[name] = fn(v).double() if v.numel() else torch.tensor(empty, dtype=torch.float64, device=v.device)
         self._sums[f"{name}/_n"] = mask.sum().double() if mask is not None else float(v.numel())
         if transform is not None:
             self._transforms[name] = transform
@@ -199,7 +221,7 @@ class MetricBag:
         counts: dict[str, float] = {}
         if self._sums:
             names = list(self._sums)
-            t = torch.stack([torch.as_tensor(self._sums[n], dtype=torch.float64).reshape(()) for n in names])
+            t = _stack_scalars([self._sums[n] for n in names])
             sums = dict(zip(names, all_reduce_sum(t, group).tolist()))
             for n, scale in self._means.items():
                 c = sums.pop(f"{n}/_count")
@@ -214,7 +236,7 @@ class MetricBag:
         for store, reducer in ((self._mins, all_reduce_min), (self._maxs, all_reduce_max)):
             if store:
                 names = list(store)
-                t = reducer(torch.stack([store[n].reshape(()) for n in names]), group).tolist()
+                t = reducer(_stack_scalars([store[n] for n in names]), group).tolist()
                 for n, v in zip(names, t):
                     out[n] = self._transforms.get(n, float)(v) if counts[n] > 0 else math.nan
         for n, fn in self._derived.items():

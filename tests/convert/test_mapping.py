@@ -198,6 +198,35 @@ def test_bridge_backend_is_optional():
         MegatronBridgeBackend("/nonexistent")
 
 
+def test_bridge_that_fails_to_import_is_unavailable(tmp_path, monkeypatch):
+    """An installed bridge whose import raises (as megatron-bridge 0.6.2 does without TransformerEngine)
+    is reported unavailable with the import error; find_spec alone would say it is there."""
+    import sys
+
+    import megatron
+
+    from minpro_megatron.convert import bridge
+
+    pkg = tmp_path / "megatron" / "bridge"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import transformer_engine.pytorch  # as megatron/bridge/peft/lora_layers.py\n")
+    monkeypatch.setattr(megatron, "__path__", [*megatron.__path__, str(tmp_path / "megatron")])
+    monkeypatch.delitem(sys.modules, "megatron.bridge", raising=False)
+    bridge.bridge_unavailable_reason.cache_clear()
+    try:
+        import importlib.util
+
+        assert importlib.util.find_spec("megatron.bridge") is not None
+        assert not bridge.bridge_available()
+        reason = bridge.bridge_unavailable_reason()
+        assert "does not import" in reason and "transformer_engine" in reason
+        with pytest.raises(bridge.BridgeUnavailableError, match="TransformerEngine"):
+            bridge.MegatronBridgeBackend("/nonexistent")
+    finally:
+        sys.modules.pop("megatron.bridge", None)
+        bridge.bridge_unavailable_reason.cache_clear()
+
+
 @pytest.mark.parametrize("tool", ["convert_hf_to_megatron", "convert_megatron_to_hf", "bench_convert"])
 def test_tools_have_help(tool, capsys):
     import importlib.util

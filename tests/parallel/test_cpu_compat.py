@@ -145,6 +145,39 @@ def _probe_ddp_distributed_optimizer():
     return bool(ok), grad_norm > 0, moved == len(before)
 
 
+def _grad_norm_group_stub(optimizer_cls):
+    """``optimizer_cls.has_grad_norm_group`` called on a minimal optimizer-shaped object (megatron >= 0.19;
+    'absent' before): the flag tensor it all_reduces is the CUDA literal under test."""
+    import types
+
+    from megatron.core.optimizer import optimizer as opt_mod
+
+    groups = sorted(getattr(opt_mod, "SEPARATE_GRAD_NORM_GROUPS", ()))
+    if not hasattr(optimizer_cls, "has_grad_norm_group") or not groups:
+        return "absent"
+    p = torch.nn.Parameter(torch.zeros(2))
+    setattr(p, opt_mod.GRAD_NORM_GROUP_ATTR, groups[0])
+    inner = types.SimpleNamespace(get_parameters=lambda: [p])
+    stub = types.SimpleNamespace(
+        get_parameters=lambda: [p], get_grad_stats_parallel_group=lambda: None, chained_optimizers=[inner],
+    )
+    return optimizer_cls.has_grad_norm_group(stub, groups[0])
+
+
+def _probe_grad_norm_group():
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    return _grad_norm_group_stub(MegatronOptimizer)  # optimizer.py:315 (0.19) device='cuda'
+
+
+def _probe_layer_wise_grad_norm_group():
+    try:
+        from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
+    except ImportError:
+        return "absent"
+    return _grad_norm_group_stub(LayerWiseDistributedOptimizer)  # layer_wise_optimizer.py:837 (0.19)
+
+
 def _try(fn, *args):
     try:
         return ("ok", fn(*args))
@@ -178,6 +211,8 @@ def _before_and_after() -> dict:
         "P7": (_probe_norm_sp, sp_config),
         "P8": (_probe_split_sizes,),
         "P6_optimizer": (_probe_ddp_distributed_optimizer,),
+        "P6_grad_norm_group": (_probe_grad_norm_group,),
+        "P6_layer_wise_grad_norm_group": (_probe_layer_wise_grad_norm_group,),
     }
     before = {k: _try(*v) for k, v in probes.items()}
 
@@ -216,9 +251,11 @@ def report() -> dict:
     return result
 
 
-# what each probe raises without the layer (megatron-core 0.16.1 on a CUDA-less torch);
+# what each probe raises without the layer (megatron-core 0.16.1 and 0.19.2 on a CUDA-less torch);
 # (probe -> first release where megatron-core itself no longer fails)
 FIXED_UPSTREAM = {"P3": (0, 19)}
+# (probe -> first release that has the code at all; before it the probe answers "absent")
+INTRODUCED = {"P6_grad_norm_group": (0, 19), "P6_layer_wise_grad_norm_group": (0, 19)}
 FAILS_WITHOUT = {
     "P1": "NVIDIA driver",
     "P2": "NVIDIA driver",
@@ -230,6 +267,8 @@ FAILS_WITHOUT = {
     "P7": "AssertionError: sequence parallel not supported",
     "P8": "TypeError",
     "P6_optimizer": "NVIDIA driver",
+    "P6_grad_norm_group": "NVIDIA driver",
+    "P6_layer_wise_grad_norm_group": "NVIDIA driver",
 }
 
 
@@ -237,6 +276,9 @@ FAILS_WITHOUT = {
 def test_probe_fails_without_the_layer(report, probe):
     if probe in FIXED_UPSTREAM and report["version"] >= FIXED_UPSTREAM[probe]:
         pytest.skip(f"{probe} fixed in megatron-core {FIXED_UPSTREAM[probe]}; the patch is then a no-op")
+    if probe in INTRODUCED and report["version"] < INTRODUCED[probe]:
+        assert report["before"][probe] == ("ok", "absent")
+        pytest.skip(f"{probe}: the code first appears in megatron-core {INTRODUCED[probe]}")
     status, detail = report["before"][probe]
     assert status == "error" and FAILS_WITHOUT[probe] in detail, detail
 
@@ -254,6 +296,8 @@ def test_probes_work_with_the_layer(report):
     assert after["P7"][1] == ("RMSNorm", True, True)  # weights tagged; the caller's config untouched
     assert after["P8"][1] == [0.0, 1.0, 2.0]
     assert after["P6_optimizer"][1] == (True, True, True)  # stepped, finite norm, every weight moved
+    for probe in INTRODUCED:  # True: the (stub) optimizer owns a parameter of that grad-norm group
+        assert after[probe][1] == ("absent" if report["version"] < INTRODUCED[probe] else True), after[probe]
 
 
 def test_no_effect_with_cuda_idempotent_and_scoped(report):
