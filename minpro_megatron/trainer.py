@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -535,16 +536,35 @@ def make_engine(cfg: RunConfig, learner: Any, eos_id: int, tokenizer: Any, out_d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``minpro-train CONFIG [section.field=value ...]`` (launch with torchrun for several processes)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(main.__doc__)
-        return 0 if argv else 2
-    cfg = load_config(argv[0], argv[1:])
+    """``minpro-train CONFIG [section.field=value ...]`` (launch with torchrun for several processes);
+    ``minpro-train --show-config [CONFIG] [overrides]`` prints the resolved config with each field's help."""
+    from minpro_megatron.cli_support import Parser
+
+    p = Parser(prog="minpro-train", description="The RL trainer: minpro-train CONFIG [section.field=value ...] "
+               "(under torchrun for a parallel layout). Fields: docs/config.md or --show-config.")
+    p.add_argument("args", nargs="*", metavar="CONFIG [OVERRIDE]", help="run config YAML, then section.field=value overrides")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved config (each field with its help text and default) and exit")
+    a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    config = a.args[0] if a.args and "=" not in a.args[0] else None
+    overrides = a.args[1:] if config else a.args
+    if config is None and not a.show_config:
+        p.error("a run config is required, e.g. minpro-train examples/tiny_moe_cpu.yaml (or --show-config)")
+    cfg = load_config(config, overrides)
+    if a.show_config:
+        from minpro_megatron.config_docs import render_resolved
+
+        print(render_resolved(cfg, f"minpro-train --show-config {' '.join(a.args)}".rstrip()), end="")
+        return 0
+    # Everything the run reads from outside is checked before a process group, model or folder exists.
+    from minpro_megatron.preflight import check_run_inputs
+
+    check_run_inputs(cfg)
     if cfg.model.hf_path:  # validate against the real architecture (config.json)
         from minpro_megatron.convert.hf_config import resolve_model_config
 
         cfg.model = resolve_model_config(cfg.model)
+    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
     from minpro_megatron.learner.distributed import destroy_distributed, init_distributed
 
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)

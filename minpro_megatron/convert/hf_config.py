@@ -50,7 +50,7 @@ def load_hf_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: point at a Hugging Face checkpoint directory with a config.json")
+        raise UnsupportedModelError(f"{path} does not exist: point at a Hugging Face checkpoint directory with a config.json")
     return json.loads(path.read_text())
 
 

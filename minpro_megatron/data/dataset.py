@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from minpro_megatron.config_base import UserError
 from minpro_megatron.data.tasks import Problem, task_split
 
 __all__ = ["DatasetError", "load_problems", "PromptStream", "load_dataset_pair"]
 
 
-class DatasetError(ValueError):
+class DatasetError(ValueError, UserError):
     """A dataset file or row is unusable; the message names the file, row and field."""
 
 
