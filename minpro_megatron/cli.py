@@ -17,7 +17,9 @@ def _run(module: str, argv: list[str] | None) -> int:
     import importlib
 
     from minpro_megatron.cli_support import run_cli
+    from minpro_megatron.parallel.cpu_compat import filter_cpu_startup_warnings
 
+    filter_cpu_startup_warnings()  # before any megatron import prints the TE/apex-absent messages
     return run_cli(importlib.import_module(module).main, sys.argv[1:] if argv is None else argv)
 
 

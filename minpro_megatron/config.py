@@ -223,6 +223,8 @@ class DataConfig:
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template
     strict_format: bool = False  # math reward: a response without \boxed{} scores 0
     num_eval: int = 256  # held-out problems of a generated task
+    # modules imported at start that call rewards.register_reward (custom data_source graders; docs/data.md)
+    reward_modules: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -6,6 +6,7 @@ Each failure is a ``UserError`` naming the config field and the fix (one line th
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -50,6 +51,11 @@ def check_run_inputs(cfg: RunConfig) -> None:
                 f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint (no {_TRACKER}); point it at a "
                 "run's checkpoints/ folder or the output of tools/convert_hf_to_megatron.py"
             )
+    for module in d.reward_modules:
+        try:
+            importlib.import_module(module)  # registers its rewards (rewards.register_reward)
+        except ImportError as exc:
+            raise UserError(f"data.reward_modules: cannot import {module!r} ({exc}); is it on PYTHONPATH?") from None
     if getattr(cfg.logging, "wandb", False) and importlib.util.find_spec("wandb") is None:
         raise UserError("logging.wandb=true but the wandb package is not installed: pip install wandb, or set "
                         "logging.wandb=false")
