@@ -118,12 +118,16 @@ class RLTrainer:
             stop_token_ids=(self.eos_id,),
         )
         self._engine_state: dict | None = None
+        self._initialised_from: Path | None = None  # a model-only checkpoint (checkpoint.load) the run starts from
         resumed = self._maybe_resume()
-        if not resumed and cfg.model.hf_path:
+        if not resumed and cfg.model.hf_path and not self._initialised_from:
             from minpro_megatron.convert.loader import load_hf_weights
 
-            load_hf_weights(self.learner.model, cfg.model, cfg.model.hf_path)
+            report = load_hf_weights(self.learner.model, cfg.model, cfg.model.hf_path)
             self.learner.optimizer.reload_model_params()  # fp32 main copies of bf16 weights
+            if self.rank == 0:
+                print(f"loaded weights from {cfg.model.hf_path} ({report.params} parameters on rank 0, "
+                      f"{report.bytes_read / 2**20:.1f} MiB read)", flush=True)
         # The engine starts from the (possibly resumed) learner: SGLang servers boot from its weights.
         self.engine = make_engine(cfg, self.learner, self.eos_id, self.tokenizer, self.out_dir, version=self.rl_step)
         if self._engine_state is not None:
@@ -410,11 +414,24 @@ class RLTrainer:
             state["buffer"] = bs
         return state
 
+    def model_metadata(self) -> dict:
+        """What every checkpoint records so that tools/convert_megatron_to_hf.py needs no other input:
+        the (resolved) model config, the original config.json and the tokenizer."""
+        m = self.cfg.model
+        hf_config = None
+        if m.hf_path:
+            from minpro_megatron.convert.hf_config import load_hf_config
+
+            hf_config = load_hf_config(m.hf_path)
+        return {"model_config": to_dict(m), "hf_config": hf_config,
+                "tokenizer": m.tokenizer_path or m.hf_path or BUILTIN_TOKENIZER}
+
     def save(self) -> Path:
         from minpro_megatron.learner.checkpoint import save_checkpoint
 
         return save_checkpoint(
-            self.learner, self.ckpt_dir, extra={"rl_step": self.rl_step}, keep_last=self.cfg.checkpoint.keep_last,
+            self.learner, self.ckpt_dir, extra={"rl_step": self.rl_step, **self.model_metadata()},
+            keep_last=self.cfg.checkpoint.keep_last,
             rank_state=self.rank_state(), iteration=self.rl_step,
         )
 
@@ -422,6 +439,10 @@ class RLTrainer:
         from minpro_megatron.learner.checkpoint import latest_iteration, load_checkpoint, load_rank_state
 
         root = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else self.ckpt_dir
+        if self.cfg.checkpoint.load and latest_iteration(self.ckpt_dir) is not None:
+            root = self.ckpt_dir  # a requeued run continues from its own checkpoints, not from its starting point
+        elif self.cfg.checkpoint.load and _is_model_only(root):
+            return self._start_from_model_checkpoint(root)
         if latest_iteration(root) is None:
             if self.cfg.checkpoint.load:
                 raise FileNotFoundError(f"checkpoint.load={str(root)!r} holds no checkpoint (no latest_checkpointed_iteration.txt)")
@@ -446,6 +467,22 @@ class RLTrainer:
         if self.rank == 0:
             print(f"resumed from {root} at RL step {self.rl_step}", flush=True)
         return True
+
+    def _start_from_model_checkpoint(self, root: Path) -> bool:
+        """checkpoint.load is a model-only checkpoint (tools/convert_hf_to_megatron.py): a new run from its
+        weights, said in plain words. Returns False: nothing is resumed (step 0, new optimizer and data)."""
+        from minpro_megatron.convert.megatron_checkpoint import load_model_checkpoint
+
+        path = load_model_checkpoint(self.learner.model, root)
+        self.learner.optimizer.reload_model_params()
+        self._initialised_from = path
+        if self.rank == 0:
+            warm = (f"then {self.cfg.train.warm_start_steps} warm-start steps" if self.cfg.train.warm_start_steps
+                    else "no warm start (train.warm_start_steps=0)")
+            print(f"starting a new run from the weights of {path} (a model-only checkpoint, e.g. converted from "
+                  f"Hugging Face): RL step 0, a fresh optimizer and LR schedule, the data from the start, {warm}; "
+                  f"checkpoints go to {self.ckpt_dir}", flush=True)
+        return False
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
@@ -502,6 +539,22 @@ def _mean_dicts(dicts: Sequence[dict[str, float]]) -> dict[str, float]:
         return {}
     keys = dicts[0].keys()
     return {k: sum(d[k] for d in dicts) / len(dicts) for k in keys}
+
+
+def _is_model_only(root: Path) -> bool:
+    """A checkpoint without optimizer or scheduler state (what the converters write)."""
+    from megatron.core import dist_checkpointing
+
+    from minpro_megatron.learner.checkpoint import checkpoint_path, latest_iteration
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return False
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_path(root, iteration)))
+    return "scheduler" not in common
+
+
+BUILTIN_TOKENIZER = "builtin:char"  # checkpoint metadata: the character tokenizer of models/tiny_hf.py
 
 
 def load_tokenizer(cfg: RunConfig):
@@ -561,9 +614,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check_run_inputs(cfg)
     if cfg.model.hf_path:  # validate against the real architecture (config.json)
-        from minpro_megatron.convert.hf_config import resolve_model_config
+        from minpro_megatron.convert.hf_config import hf_override_message, resolve_model_config
 
-        cfg.model = resolve_model_config(cfg.model)
+        configured, cfg.model = cfg.model, resolve_model_config(cfg.model)
+        if os.environ.get("RANK", "0") == "0":
+            print(hf_override_message(configured, cfg.model), flush=True)
     cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
     from minpro_megatron.learner.distributed import destroy_distributed, init_distributed
 

@@ -29,6 +29,7 @@ __all__ = [
     "load_hf_config",
     "model_config_from_hf",
     "resolve_model_config",
+    "hf_override_message",
 ]
 
 # ModelConfig fields derived from config.json; the others (dtype, dispatcher, aux loss, paths, padding)
@@ -269,3 +270,14 @@ def hf_config_from_model(model: ModelConfig, *, base: Mapping[str, Any] | None =
     if fam.model_type == "mixtral" and not model.moe_norm_topk_prob:
         raise UnsupportedModelError("MixtralForCausalLM always renormalises the top-k weights; set model.moe_norm_topk_prob=true")
     return out
+
+
+def hf_override_message(configured: ModelConfig, resolved: ModelConfig) -> str:
+    """What ``resolve_model_config`` did, in words: the config.json the architecture comes from and every
+    model field whose configured value it replaced."""
+    changed = [f"model.{f} {getattr(configured, f)!r} -> {getattr(resolved, f)!r}"
+               for f in ARCHITECTURE_FIELDS if getattr(configured, f) != getattr(resolved, f)]
+    where = Path(str(resolved.hf_path)) / "config.json"
+    if not changed:
+        return f"model: architecture from {where} (the configured model fields agree with it)"
+    return f"model: architecture from {where}; it replaces {len(changed)} configured field(s): {', '.join(changed)}"

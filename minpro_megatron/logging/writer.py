@@ -2,7 +2,8 @@
 
 Every metric the trainer produces goes through ``MetricsWriter.scalars``; names are "section/metric"
 (e.g. "loss/clip_frac_high", "rollout/reward_mean"). Non-finite values are written too (TensorBoard
-shows them as gaps), so a NaN is visible instead of silently dropped.
+shows them as gaps), so a NaN is visible instead of silently dropped. Internal metrics ("debug/...", e.g.
+the batch digest that makes resume checkable) go to metrics.jsonl only.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class MetricsWriter:
         clean = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
         if self._tb is not None:
             for name, value in clean.items():
-                self._tb.add_scalar(name, value, global_step=step)
+                if not name.startswith("debug/"):  # internal checks (batch digests) stay in metrics.jsonl
+                    self._tb.add_scalar(name, value, global_step=step)
         if self._jsonl is not None:
             row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
             self._jsonl.write(json.dumps(row) + "\n")
