@@ -246,6 +246,10 @@ class LoggingConfig:
     output_dir: str = "outputs/run"  # run folder: config.yaml, tb/, summary.md, plot.png, checkpoints/
     tensorboard: bool = True  # write TensorBoard event files (metrics.jsonl is always written)
     log_interval: int = 1  # unused: every RL step is logged
+    # samples per RL step written to OUTPUT_DIR/samples.jsonl with per-token ratios and prefix minimum (minpro-samples)
+    dump_samples: int = 0
+    wandb: bool = False  # also log to Weights & Biases (needs the wandb package; TensorBoard stays on)
+    wandb_project: str | None = None  # W&B project; None: "minpro"
 
 
 @dataclass

@@ -136,6 +136,8 @@ class RLTrainer:
         self.writer = MetricsWriter(
             self.out_dir / "tb", enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
             purge_step=self.rl_step if resumed else None,
+            wandb=({"project": cfg.logging.wandb_project or "minpro", "name": self.out_dir.name, "config": to_dict(cfg),
+                    "dir": str(self.out_dir)} if cfg.logging.wandb else None),
         )
 
     # ---- tokens ------------------------------------------------------------------------------------------
@@ -270,6 +272,7 @@ class RLTrainer:
         k = cfg.train.updates_per_batch
         if len(samples) % k:
             raise ValueError(f"{len(samples)} samples are not divisible by train.updates_per_batch={k}")
+        dump = self._sample_dump(groups) if cfg.logging.dump_samples else []  # scored before the update
         t1 = time.perf_counter()
         per = len(samples) // k
         update_metrics: list[dict[str, float]] = []
@@ -291,6 +294,10 @@ class RLTrainer:
                 metrics[key] = metrics.get(key, 0.0) + value
         self._inflight = []
         self.rl_step += 1
+        if dump and self.rank == 0:
+            from minpro_megatron.logging.samples import append_rows
+
+            append_rows(self.out_dir, [dict(row, step=self.rl_step) for row in dump])
         t2 = time.perf_counter()
         sync = self.engine.update_weights(self.rl_step)
         sync_s = time.perf_counter() - t2
@@ -315,6 +322,28 @@ class RLTrainer:
         )
         metrics.pop("_gen_tokens", None)
         return metrics
+
+    def _sample_dump(self, groups: Sequence[Group]) -> list[dict]:
+        """logging.dump_samples rows of this rank's first samples, scored by the current (pre-update) policy.
+        Collective: every rank scores the same number of samples (experts may span DP ranks)."""
+        from minpro_megatron.logging.samples import sample_row
+
+        picked = [(g, s, r, a) for g in groups for s, r, a in zip(g.samples, g.rewards, g.advantages) if s.response_ids]
+        n = int(-self._max_dp(-min(self.cfg.logging.dump_samples, len(picked))))
+        picked = picked[:n]
+        logps = self.learner.score([
+            TrainSample(torch.tensor(s.prompt_ids + s.response_ids), len(s.prompt_ids), torch.tensor(s.logprobs), a)
+            for _, s, _, a in picked
+        ]) if n else []
+        rows = []
+        for i, ((g, s, r, a), lp) in enumerate(zip(picked, logps)):
+            rows.append(sample_row(
+                self.rl_step + 1, i, prompt=g.problem.prompt, response=self.decode_response(s.response_ids),
+                answer=g.problem.answer, data_source=g.problem.data_source, reward=r, advantage=a,
+                versions=s.weight_versions, tokens=self.tokenizer.convert_ids_to_tokens(list(s.response_ids)),
+                behaviour_logp=list(s.logprobs), logp=lp.tolist(), prefix_first_value=self.cfg.loss.prefix_first_value,
+            ))
+        return rows
 
     def _batch_digest(self, samples: Sequence[TrainSample]) -> float:
         """A 32-bit digest of the trained tokens of all DP ranks (equal batches -> equal digests): makes
