@@ -44,6 +44,11 @@ def run_cli(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = 
         argv = [a for i, a in enumerate(argv) if not (i < cut and a == "--debug")]
     try:
         rc = fn(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error it already printed as one line (2)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(f"error: {exc.code}", file=sys.stderr, flush=True)
+        return 2
     except UserError as exc:
         if debug:
             raise

@@ -36,6 +36,9 @@ def check_run_inputs(cfg: RunConfig) -> None:
         require_file(path, f"data.{name}")
         if Path(path).suffix not in _DATA_SUFFIXES:
             raise UserError(f"data.{name}={path!r}: unsupported extension; use .jsonl or .parquet (docs/data.md)")
+        from minpro_megatron.data.dataset import load_problems
+
+        load_problems(path, d.prompt_key, d.answer_key)  # every row checked now, not after the model is built
     m = cfg.model
     if m.hf_path:
         require_dir(m.hf_path, "model.hf_path")
