@@ -169,7 +169,7 @@ class RolloutConfig:
     server_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # dtype of the SGLang servers' weights
     server_device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the host has a GPU
     server_tp_size: int = 1  # tensor parallel size of each SGLang server
-    server_max_total_tokens: int | None = None  # None: 4096 on CPU (recipes.md), SGLang's default on GPU
+    server_max_total_tokens: int | None = None  # None: 4096 on CPU, SGLang's default on GPU
     server_extra_args: list[str] = field(default_factory=list)  # appended to sglang.launch_server
     server_startup_timeout_s: float = 240.0  # seconds to wait for a server's /health
     restart_dead_servers: bool = True  # restart a server that exits and re-sync it before routing to it

@@ -153,3 +153,15 @@ def test_console_command_prints_exactly_one_line(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "minpro_megatron.cli", "train", TINY, "parallel.tensor=3", "--debug"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_slurm_status_reads_scontrol_lines() -> None:
+    from minpro_megatron.slurm.status import format_status, parse_scontrol_line
+
+    # a line as `scontrol show job -o` prints it (Slurm 22.05), shortened
+    line = ("JobId=42 JobName=tiny-moe-cpu UserId=root(0) JobState=FAILED Reason=NonZeroExitCode Dependency=(null) "
+            "ExitCode=3:0 RunTime=00:00:07 NodeList=node1 StdOut=/runs/x/logs/slurm-42.out Command=/runs/x/job.sbatch a b")
+    job = parse_scontrol_line(line)
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "3:0" and job["Command"] == "/runs/x/job.sbatch a b"
+    assert format_status(job) == ("42 tiny-moe-cpu: FAILED, exit code 3 (signal 0), ran 00:00:07 on node1; "
+                                  "reason NonZeroExitCode; log /runs/x/logs/slurm-42.out")

@@ -122,11 +122,17 @@ def test_checkpoint_of_a_run_from_scratch_exports_to_hf_and_transformers_loads_i
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from minpro_megatron.convert.megatron_checkpoint import checkpoint_extra
+
+    extra = checkpoint_extra(run_dir / "checkpoints")
+    assert extra["model_config"]["hidden_size"] == 128 and extra["tokenizer"] == "builtin:char" and extra["rl_step"] == 3
+
     out = tmp_path / "hf"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"), "--ckpt", str(run_dir / "checkpoints"),
                            "--out", str(out), "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model description" not in proc.stderr  # read from the checkpoint itself, not from config.yaml
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(out)
     assert type(model).__name__ == "Qwen3MoeForCausalLM" and model.config.hidden_size == 128
@@ -136,3 +142,32 @@ def test_checkpoint_of_a_run_from_scratch_exports_to_hf_and_transformers_loads_i
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), 32) and torch.isfinite(logits).all()
+
+
+def test_wandb_is_not_imported_when_off_and_gets_every_user_metric_when_on(tmp_path, monkeypatch) -> None:
+    import types
+
+    from minpro_megatron.logging.writer import MetricsWriter
+
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    w = MetricsWriter(tmp_path / "off")
+    w.scalars(1, {"rollout/reward_mean": 0.5})
+    w.close()
+    assert "wandb" not in sys.modules
+    calls: list = []
+
+    class FakeRun:  # a stand-in for wandb's Run (the wandb package is not installed here)
+        def log(self, values):
+            calls.append(("log", values))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    w = MetricsWriter(tmp_path / "on", wandb={"project": "p", "name": "run"})
+    w.scalars(2, {"rollout/reward_mean": 0.25, "debug/batch_digest": 7.0})
+    w.close()
+    assert calls[0] == ("init", {"project": "p", "name": "run", "resume": "allow"})
+    assert calls[1] == ("log", {"trainer/step": 2, "rollout/reward_mean": 0.25}) and calls[2] == ("finish",)

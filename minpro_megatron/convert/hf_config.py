@@ -1,5 +1,5 @@
 """config.json <-> ModelConfig: the model's architecture comes from the checkpoint, never from hand-written
-arguments (hand-copied sizes drift from the checkpoint: anchors.md, complaint 8).
+arguments (hand-copied sizes drift from the checkpoint).
 
     model = model_config_from_hf("/ckpt/Qwen3-30B-A3B")              # every architecture field derived
     model = resolve_model_config(cfg.model)                         # same, when cfg.model.hf_path is set

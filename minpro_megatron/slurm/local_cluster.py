@@ -11,7 +11,7 @@ logged loudly). There is no systemd: every daemon runs in the foreground in its 
 stopped by the PID recorded under ``<prefix>/run`` (also when start fails half-way). Emulated nodes are
 ``node1..nodeN`` on 127.0.0.1 with one slurmd port each; their names go into /etc/hosts with a tag and
 leave again on stop. The cluster uses its own ports (16817+) and its own SLURM_CONF, so a real Slurm
-installation on the same machine is left alone. Facts behind every setting: design/research/slurm.md.
+installation on the same machine is left alone.
 """
 
 from __future__ import annotations
