@@ -115,8 +115,9 @@ def _sections(cls: type, prefix: str = "") -> Iterator[tuple[str, type]]:
 
 def _summary(cls: type) -> str:
     doc = inspect.getdoc(cls) or ""
-    first = doc.split("\n\n")[0]
-    return " ".join(first.split()) if not first.startswith("dataclass") else ""
+    if doc.startswith(f"{cls.__name__}("):  # the signature dataclasses write when there is no docstring
+        return ""
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 def render_markdown(root: type) -> str:
