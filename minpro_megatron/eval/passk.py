@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 unknown = unknown_characters(tok, [pr.prompt for pr in problems])
                 if unknown:
                     print(f"warning: {path}: the tokenizer does not know {len(unknown)} character(s) of the prompts "
-                          f"({''.join(unknown)[:40]!r}); they become {tok.unk_token!r}", file=sys.stderr)
+                          f"({', '.join(map(repr, unknown[:20]))}); they become {tok.unk_token!r}", file=sys.stderr)
             n_real = len(problems)
             problems = problems + problems[: (-n_real) % dp]  # pad to the DP size; padded copies are dropped below
             mine = problems[r::dp]
