@@ -58,7 +58,8 @@ _COMMANDS = {"train": train_main, "sweep": sweep_main, "eval": eval_main, "slurm
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in _COMMANDS:
-        print(f"usage: python -m minpro_megatron.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)
+        what = f"unknown command {argv[0]!r}; " if argv else ""
+        print(f"error: {what}usage: python -m minpro_megatron.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)
         return 2
     return _COMMANDS[argv[0]](argv[1:])
 

@@ -12,6 +12,7 @@ so a killed sweep continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import statistics
@@ -148,6 +149,10 @@ def _grid(args: argparse.Namespace) -> dict[str, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("run", "collect", "-h", "--help"):
+        close = difflib.get_close_matches(argv[0], ["run", "collect"], n=1)
+        raise UserError(f"unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                        + "; use minpro-sweep run CONFIG ... or minpro-sweep collect DIR/runs")
     if not argv or argv[0] not in ("run", "collect"):
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

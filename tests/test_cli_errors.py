@@ -165,3 +165,10 @@ def test_slurm_status_reads_scontrol_lines() -> None:
     assert job["JobState"] == "FAILED" and job["ExitCode"] == "3:0" and job["Command"] == "/runs/x/job.sbatch a b"
     assert format_status(job) == ("42 tiny-moe-cpu: FAILED, exit code 3 (signal 0), ran 00:00:07 on node1; "
                                   "reason NonZeroExitCode; log /runs/x/logs/slurm-42.out")
+
+
+def test_unknown_subcommands_are_one_line(capsys) -> None:
+    _one_error(capsys, cli.sweep_main(["rnu", TINY]), "unknown command 'rnu' (did you mean run?)")
+    _one_error(capsys, cli.slurm_main(["sumbit", TINY]), "unknown command 'sumbit' (did you mean submit?)")
+    _one_error(capsys, cli.main(["trian"]), "unknown command 'trian'")
+    assert cli.slurm_main(["--help"]) == 0 and "status" in capsys.readouterr().out

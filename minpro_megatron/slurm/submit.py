@@ -310,10 +310,17 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        print(f"error: minpro-slurm: unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else "")
+              + f"; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     if not argv or argv[0] not in COMMANDS:
         print("usage: minpro-slurm {submit,sweep,status} CONFIG [overrides...] [options]  (-h after a command for help)\n"
-              + "\n".join(f"  {k:<7} {v}" for k, v in COMMANDS.items()), file=sys.stderr)
-        return 2
+              + "\n".join(f"  {k:<7} {v}" for k, v in COMMANDS.items()), file=sys.stderr if not argv else sys.stdout)
+        return 0 if argv else 2
     if argv[0] == "status":
         from minpro_megatron.slurm.status import main as status_main
 
