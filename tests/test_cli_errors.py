@@ -172,3 +172,23 @@ def test_unknown_subcommands_are_one_line(capsys) -> None:
     _one_error(capsys, cli.slurm_main(["sumbit", TINY]), "unknown command 'sumbit' (did you mean submit?)")
     _one_error(capsys, cli.main(["trian"]), "unknown command 'trian'")
     assert cli.slurm_main(["--help"]) == 0 and "status" in capsys.readouterr().out
+
+
+def test_local_cluster_start_prints_the_export_line_as_the_command_to_run(monkeypatch, capsys, tmp_path) -> None:
+    from minpro_megatron.slurm import local_cluster
+
+    class StandInCluster:  # stands in for the daemons (tests/slurm starts the real ones); only main's output is tested
+        def __init__(self, prefix, **kw):
+            self.conf = Path(prefix) / "etc" / "slurm.conf"
+
+        def start(self):
+            pass
+
+        def status(self):
+            return {"sinfo": "PARTITION AVAIL NODES\ndebug* up 2"}
+
+    monkeypatch.setattr(local_cluster, "LocalCluster", StandInCluster)
+    assert local_cluster.main(["start", "--prefix", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"export SLURM_CONF={tmp_path}/etc/slurm.conf\n"  # `eval "$(... start)"` runs it
+    assert "run this in your shell" in captured.err and "PARTITION" in captured.err
