@@ -1,5 +1,8 @@
 """Command-line entry points (``minpro-train``, ``minpro-sweep``, ``minpro-eval``, ``minpro-slurm``) and
-``python -m minpro_megatron.cli <command> ...``."""
+``python -m minpro_megatron.cli <command> ...``.
+
+Every command prints a mistake in its input as one line ``error: ...`` and exits 2 (cli_support.py);
+``--debug`` or MINPRO_DEBUG=1 shows the traceback."""
 
 from __future__ import annotations
 
@@ -7,30 +10,37 @@ import runpy
 import sys
 from pathlib import Path
 
-__all__ = ["train_main", "sweep_main", "eval_main", "slurm_main", "bench_losses_main", "main"]
+__all__ = ["train_main", "sweep_main", "eval_main", "slurm_main", "bench_losses_main", "samples_main", "main"]
+
+def _run(module: str, argv: list[str] | None) -> int:
+    """Run ``module.main`` with one-line errors (cli_support.run_cli); imports stay lazy."""
+    import importlib
+
+    from minpro_megatron.cli_support import run_cli
+    from minpro_megatron.parallel.cpu_compat import filter_cpu_startup_warnings
+
+    filter_cpu_startup_warnings()  # before any megatron import prints the TE/apex-absent messages
+    return run_cli(importlib.import_module(module).main, sys.argv[1:] if argv is None else argv)
+
 
 def train_main(argv: list[str] | None = None) -> int:
-    from minpro_megatron.trainer import main
-
-    return main(sys.argv[1:] if argv is None else argv)
+    return _run("minpro_megatron.trainer", argv)
 
 
 def sweep_main(argv: list[str] | None = None) -> int:
-    from minpro_megatron.sweep import main
-
-    return main(sys.argv[1:] if argv is None else argv)
+    return _run("minpro_megatron.sweep", argv)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    from minpro_megatron.eval.passk import main
-
-    return main(sys.argv[1:] if argv is None else argv)
+    return _run("minpro_megatron.eval.passk", argv)
 
 
 def slurm_main(argv: list[str] | None = None) -> int:
-    from minpro_megatron.slurm.submit import main
+    return _run("minpro_megatron.slurm.submit", argv)
 
-    return main(sys.argv[1:] if argv is None else argv)
+
+def samples_main(argv: list[str] | None = None) -> int:
+    return _run("minpro_megatron.logging.samples", argv)
 
 
 def bench_losses_main(argv: list[str] | None = None) -> int:
@@ -41,13 +51,15 @@ def bench_losses_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_COMMANDS = {"train": train_main, "sweep": sweep_main, "eval": eval_main, "slurm": slurm_main, "bench-losses": bench_losses_main}
+_COMMANDS = {"train": train_main, "sweep": sweep_main, "eval": eval_main, "slurm": slurm_main, "bench-losses": bench_losses_main,
+             "samples": samples_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in _COMMANDS:
-        print(f"usage: python -m minpro_megatron.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)
+        what = f"unknown command {argv[0]!r}; " if argv else ""
+        print(f"error: {what}usage: python -m minpro_megatron.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)
         return 2
     return _COMMANDS[argv[0]](argv[1:])
 

@@ -40,29 +40,30 @@ class ModelConfig:
     """Qwen3-style decoder (dense or MoE). With ``hf_path`` set, the architecture comes from that
     checkpoint's config.json (convert/) and the fields below are ignored except dtype options."""
 
+    # HF checkpoint dir: architecture from its config.json, initial weights from its safetensors
     hf_path: str | None = None
-    tokenizer_path: str | None = None
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
-    head_dim: int | None = None
-    vocab_size: int = 32
-    max_position_embeddings: int = 512
-    rotary_base: float = 1_000_000.0
-    norm_epsilon: float = 1e-6
-    qk_layernorm: bool = True
-    tie_word_embeddings: bool = False
-    num_experts: int | None = 4
-    moe_router_topk: int = 2
-    moe_ffn_hidden_size: int = 32
-    moe_shared_expert_intermediate_size: int | None = None
-    moe_norm_topk_prob: bool = True
-    moe_aux_loss_coeff: float = 0.0
-    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
-    init_method_std: float = 0.02
-    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tokenizer_path: str | None = None  # tokenizer dir (default: hf_path; neither: the built-in character tokenizer)
+    num_layers: int = 2  # transformer layers
+    hidden_size: int = 64  # model width
+    ffn_hidden_size: int = 128  # dense MLP width (non-MoE layers)
+    num_attention_heads: int = 4  # query heads
+    num_query_groups: int = 2  # key/value heads (GQA); divides num_attention_heads
+    head_dim: int | None = None  # per-head width; None: hidden_size // num_attention_heads
+    vocab_size: int = 32  # tokenizer size (rows are padded, see make_vocab_size_divisible_by)
+    max_position_embeddings: int = 512  # longest prompt + response in tokens
+    rotary_base: float = 1_000_000.0  # RoPE theta
+    norm_epsilon: float = 1e-6  # RMSNorm epsilon
+    qk_layernorm: bool = True  # RMSNorm on queries and keys (Qwen3)
+    tie_word_embeddings: bool = False  # output layer shares the embedding matrix
+    num_experts: int | None = 4  # routed experts per MoE layer; None: a dense model
+    moe_router_topk: int = 2  # experts per token
+    moe_ffn_hidden_size: int = 32  # width of one expert's MLP
+    moe_shared_expert_intermediate_size: int | None = None  # width of the always-on shared expert; None: none
+    moe_norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
+    moe_aux_loss_coeff: float = 0.0  # weight of the router load-balancing loss
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"  # how tokens reach experts across EP ranks
+    init_method_std: float = 0.02  # std of the random initialisation (runs without hf_path)
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameter dtype of the learner
     # Layer implementation: auto = TransformerEngine when CUDA and TE are present, else megatron's local
     # spec (the only choice on CPU); local / transformer_engine force one (the GPU check compares them).
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
@@ -104,14 +105,14 @@ class ModelConfig:
 class ParallelConfig:
     """Megatron parallel layout. data=None derives DP from the world size."""
 
-    tensor: int = 1
-    pipeline: int = 1
-    expert: int = 1
-    expert_tensor: int | None = 1
-    context: int = 1
-    data: int | None = None
+    tensor: int = 1  # tensor parallel size (TP)
+    pipeline: int = 1  # pipeline parallel size (PP)
+    expert: int = 1  # expert parallel size (EP); divides model.num_experts
+    expert_tensor: int | None = 1  # tensor parallel size inside each expert (ETP); None: same as tensor
+    context: int = 1  # context parallel size (CP, zigzag layout)
+    data: int | None = None  # data parallel size; None: world size / (TP * PP * CP)
     sequence_parallel: bool | None = None  # None: on when tensor > 1 (MoE with TP requires it)
-    virtual_pipeline: int | None = None
+    virtual_pipeline: int | None = None  # model chunks per pipeline stage (interleaved schedule); None: off
 
     def data_parallel_size(self, world_size: int) -> int:
         model = self.tensor * self.pipeline * self.context
@@ -132,16 +133,17 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    lr_warmup_steps: int = 0
+    lr: float = 1e-3  # peak learning rate of the RL updates (Adam)
+    min_lr: float = 0.0  # learning rate at the end of the decay
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW)
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.999  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip (0: off)
+    lr_warmup_steps: int = 0  # linear warm-up updates
+    # schedule after warm-up over train.steps * train.updates_per_batch updates
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
-    use_distributed_optimizer: bool = True
+    use_distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks (Megatron)
 
 
 @dataclass
@@ -150,42 +152,44 @@ class StalenessConfig:
     bounded: generation runs ahead; samples whose oldest token is more than n versions old are handled
     by ``overflow`` (drop or requeue the prompt)."""
 
-    mode: Literal["exact", "bounded"] = "exact"
-    n: int = 0
-    overflow: Literal["drop", "requeue"] = "drop"
+    mode: Literal["exact", "bounded"] = "exact"  # exact: delay of exactly n versions; bounded: age at most n versions
+    n: int = 0  # staleness in versions (RL steps); 0: on-policy
+    overflow: Literal["drop", "requeue"] = "drop"  # bounded mode: what happens to groups older than n
 
 
 @dataclass
 class RolloutConfig:
-    backend: Literal["local", "sglang"] = "local"
-    num_servers: int = 1
+    backend: Literal["local", "sglang"] = "local"  # local: the learner samples itself; sglang: an SGLang server fleet
+    num_servers: int = 1  # SGLang servers to start (ignored with server_urls)
     server_urls: list[str] = field(default_factory=list)  # attach to servers the user runs
-    use_router: bool = True
+    use_router: bool = True  # put sglang-router in front of the servers
     router_url: str | None = None  # attach to a router the user runs (else one is started when use_router)
+    # sglang-router load-balancing policy
     router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # address the started servers and router bind to
     base_port: int = 30100  # server i listens on base_port + i; 0 = free ports
     router_port: int = 30090  # 0 = a free port
-    server_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    server_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # dtype of the SGLang servers' weights
     server_device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the host has a GPU
-    server_tp_size: int = 1
-    server_max_total_tokens: int | None = None  # None: 4096 on CPU (recipes.md), SGLang's default on GPU
+    server_tp_size: int = 1  # tensor parallel size of each SGLang server
+    server_max_total_tokens: int | None = None  # None: 4096 on CPU, SGLang's default on GPU
     server_extra_args: list[str] = field(default_factory=list)  # appended to sglang.launch_server
-    server_startup_timeout_s: float = 240.0
-    restart_dead_servers: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 16
-    max_concurrency: int = 64
-    request_retries: int = 3
-    request_timeout_s: float = 600.0
+    server_startup_timeout_s: float = 240.0  # seconds to wait for a server's /health
+    restart_dead_servers: bool = True  # restart a server that exits and re-sync it before routing to it
+    temperature: float = 1.0  # sampling temperature (the learner's log-probs use the same one)
+    top_p: float = 1.0  # nucleus sampling threshold
+    max_new_tokens: int = 16  # response length limit in tokens
+    max_concurrency: int = 64  # generation requests in flight per rank
+    request_retries: int = 3  # retries of a failed request on another server
+    request_timeout_s: float = 600.0  # seconds per generation request
+    # how new weights reach the servers after each step
     weight_transport: Literal["distributed", "disk", "tensor"] = "distributed"
-    bucket_mb: int = 512
+    bucket_mb: int = 512  # size of one weight-update bucket
     pause_mode: Literal["abort", "retract"] = "abort"  # abort: in-flight requests are retried by the client
-    weight_sync_timeout_s: float = 300.0
+    weight_sync_timeout_s: float = 300.0  # seconds allowed for one weight update
     weight_sync_master_address: str = "127.0.0.1"  # the trainer's address as the servers reach it (multi-node: its IP)
     verify_threshold: float | None = None  # max |logp diff| allowed after a sync (None: report only)
-    staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    staleness: StalenessConfig = field(default_factory=StalenessConfig)  # how old rollouts may be (section)
 
     def validate(self) -> None:
         if not self.server_urls and self.num_servers < 1:
@@ -213,43 +217,50 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
+    # arithmetic / sorting: generated tasks; jsonl: prompt files (docs/data.md)
     task: Literal["arithmetic", "sorting", "jsonl"] = "arithmetic"
-    train_path: str | None = None
-    eval_path: str | None = None
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
-    chat_template: bool = False
-    strict_format: bool = False
-    num_eval: int = 256
+    train_path: str | None = None  # training prompts (.jsonl / .parquet) for task=jsonl
+    eval_path: str | None = None  # held-out prompts for greedy evaluation (optional)
+    prompt_key: str = "prompt"  # column holding the prompt (text or chat messages)
+    answer_key: str = "answer"  # column holding the reference answer
+    chat_template: bool = False  # wrap prompts in the tokenizer's chat template
+    strict_format: bool = False  # math reward: a response without \boxed{} scores 0
+    num_eval: int = 256  # held-out problems of a generated task
+    # modules imported at start that call rewards.register_reward (custom data_source graders; docs/data.md)
+    reward_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 1234
-    steps: int = 20
+    seed: int = 1234  # seed of data order, initialisation and sampling
+    steps: int = 20  # RL steps
     rollout_batch_size: int = 16  # prompts per step
     group_size: int = 8  # responses per prompt (GRPO group)
     updates_per_batch: int = 1  # mini-batch updates per rollout batch
     micro_batch_size: int = 16  # sequences per micro-batch (per DP rank)
     warm_start_steps: int = 0  # supervised steps before RL (embedded default)
-    warm_start_lr: float = 1e-3
-    advantage_eps: float = 1e-6
+    warm_start_lr: float = 1e-3  # learning rate of the warm-start steps
+    advantage_eps: float = 1e-6  # added to the group reward std before dividing
     eval_interval: int = 0  # RL steps between greedy evaluations on the held-out set (0: start only)
 
 
 @dataclass
 class LoggingConfig:
-    output_dir: str = "outputs/run"
-    tensorboard: bool = True
-    log_interval: int = 1
+    output_dir: str = "outputs/run"  # run folder: config.yaml, tb/, summary.md, plot.png, checkpoints/
+    tensorboard: bool = True  # write TensorBoard event files (metrics.jsonl is always written)
+    log_interval: int = 1  # unused: every RL step is logged
+    # samples per RL step written to OUTPUT_DIR/samples.jsonl with per-token ratios and prefix minimum (minpro-samples)
+    dump_samples: int = 0
+    wandb: bool = False  # also log to Weights & Biases (needs the wandb package; TensorBoard stays on)
+    wandb_project: str | None = None  # W&B project; None: "minpro"
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str | None = None
-    save_interval: int = 0
-    load: str | None = None
-    keep_last: int = 2
+    dir: str | None = None  # where checkpoints are saved; None: OUTPUT_DIR/checkpoints
+    save_interval: int = 0  # RL steps between checkpoints (0: none); the last step is saved too
+    load: str | None = None  # checkpoint root to start from when dir holds none (a converted model or another run)
+    keep_last: int = 2  # checkpoints kept; older ones are deleted
 
 
 @dataclass

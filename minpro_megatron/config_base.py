@@ -15,12 +15,17 @@ from typing import Any, Iterable, TypeVar, Union, get_args, get_origin, get_type
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_yaml_config", "parse_override"]
+__all__ = ["UserError", "ConfigError", "from_dict", "to_dict", "apply_overrides", "load_yaml_config", "parse_override"]
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in what the user asked for (not a bug): the CLIs print its message as one line
+    ``error: ...`` and exit 2 (cli_support.run_cli). The message names what is wrong and the fix."""
+
+
+class ConfigError(ValueError, UserError):
     """A config value is missing, unknown or inconsistent. The message names the field and the fix."""
 
 
@@ -74,8 +79,12 @@ def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        import difflib
+
+        close = [m for k in unknown for m in difflib.get_close_matches(k, list(fields), n=1, cutoff=0.6)]
+        hint = f" (did you mean {', '.join(_join(where, m) for m in close)}?)" if close else ""
         raise ConfigError(
-            f"unknown config key(s) {', '.join(_join(where, k) for k in unknown)}; "
+            f"unknown config key(s) {', '.join(_join(where, k) for k in unknown)}{hint}; "
             f"valid keys in {where or 'the top level'}: {', '.join(sorted(fields))}"
         )
     kwargs = {}

@@ -12,6 +12,7 @@ so a killed sweep continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import statistics
@@ -23,6 +24,7 @@ from typing import Sequence
 
 import yaml
 
+from minpro_megatron.config_base import UserError
 from minpro_megatron.logging.report import plot_runs, read_scalars, write_csv, write_markdown_table
 
 __all__ = ["main", "collect", "run_local", "SWEEP_PLOT_TAGS"]
@@ -63,11 +65,13 @@ def _run_info(run_dir: Path) -> dict | None:
 def collect(runs_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, list[Path]]:
     """Table (mean +- std over seeds of the last 5 logged points) and one PNG per metric."""
     runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise UserError(f"{runs_dir} is not a directory: pass the runs/ folder of a sweep (minpro-sweep collect DIR/runs)")
     out = Path(out_dir) if out_dir else runs_dir.parent
     out.mkdir(parents=True, exist_ok=True)
     infos = [i for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if (i := _run_info(d))]
     if not infos:
-        raise FileNotFoundError(f"no finished runs (config.yaml + tb/) under {runs_dir}")
+        raise UserError(f"no finished runs (config.yaml + tb/) under {runs_dir}")
     cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for info in infos:
         cells[(info["method"], info["staleness"])].append(info)
@@ -126,7 +130,7 @@ def run_local(config: str, overrides: list[str], grid: dict[str, list[str]], out
                 with open(run_dir / "train.log", "w") as log:
                     rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
                 if rc:
-                    raise RuntimeError(f"sweep run {task.name} failed (exit {rc}); see {run_dir / 'train.log'}")
+                    raise UserError(f"sweep run {task.name} failed (exit {rc}); see {run_dir / 'train.log'}")
             done.append(run_dir)
             progress.advance(bar)
     return done
@@ -145,12 +149,18 @@ def _grid(args: argparse.Namespace) -> dict[str, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("run", "collect", "-h", "--help"):
+        close = difflib.get_close_matches(argv[0], ["run", "collect"], n=1)
+        raise UserError(f"unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                        + "; use minpro-sweep run CONFIG ... or minpro-sweep collect DIR/runs")
     if not argv or argv[0] not in ("run", "collect"):
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from minpro_megatron.cli_support import Parser
+
     cmd, rest = argv[0], argv[1:]
     if cmd == "collect":
-        p = argparse.ArgumentParser(prog="minpro-sweep collect")
+        p = Parser(prog="minpro-sweep collect")
         p.add_argument("runs_dir")
         p.add_argument("--out")
         a = p.parse_args(rest)
@@ -158,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table.read_text())
         print("plots:", *plots, sep="\n  ")
         return 0
-    p = argparse.ArgumentParser(prog="minpro-sweep run")
+    p = Parser(prog="minpro-sweep run")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--methods", default="grpo,minpro")
@@ -173,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         extra = ["--methods", a.methods, "--staleness", a.staleness, "--seeds", a.seeds, "--run-dir", str(a.out)]
         return slurm_main(["sweep", a.config, *a.overrides, *extra, *(["--dry-run"] if a.dry_run else [])])
+    from minpro_megatron.config import load_config
+    from minpro_megatron.preflight import check_run_inputs
+
+    check_run_inputs(load_config(a.config, a.overrides))  # before any run folder is made
     run_local(a.config, a.overrides, _grid(a), a.out)
     table, plots = collect(a.out / "runs", a.out)
     print(table.read_text())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,12 +118,16 @@ class RLTrainer:
             stop_token_ids=(self.eos_id,),
         )
         self._engine_state: dict | None = None
+        self._initialised_from: Path | None = None  # a model-only checkpoint (checkpoint.load) the run starts from
         resumed = self._maybe_resume()
-        if not resumed and cfg.model.hf_path:
+        if not resumed and cfg.model.hf_path and not self._initialised_from:
             from minpro_megatron.convert.loader import load_hf_weights
 
-            load_hf_weights(self.learner.model, cfg.model, cfg.model.hf_path)
+            report = load_hf_weights(self.learner.model, cfg.model, cfg.model.hf_path)
             self.learner.optimizer.reload_model_params()  # fp32 main copies of bf16 weights
+            if self.rank == 0:
+                print(f"loaded weights from {cfg.model.hf_path} ({report.params} parameters on rank 0, "
+                      f"{report.bytes_read / 2**20:.1f} MiB read)", flush=True)
         # The engine starts from the (possibly resumed) learner: SGLang servers boot from its weights.
         self.engine = make_engine(cfg, self.learner, self.eos_id, self.tokenizer, self.out_dir, version=self.rl_step)
         if self._engine_state is not None:
@@ -131,6 +136,8 @@ class RLTrainer:
         self.writer = MetricsWriter(
             self.out_dir / "tb", enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
             purge_step=self.rl_step if resumed else None,
+            wandb=({"project": cfg.logging.wandb_project or "minpro", "name": self.out_dir.name, "config": to_dict(cfg),
+                    "dir": str(self.out_dir)} if cfg.logging.wandb else None),
         )
 
     # ---- tokens ------------------------------------------------------------------------------------------
@@ -265,6 +272,7 @@ class RLTrainer:
         k = cfg.train.updates_per_batch
         if len(samples) % k:
             raise ValueError(f"{len(samples)} samples are not divisible by train.updates_per_batch={k}")
+        dump = self._sample_dump(groups) if cfg.logging.dump_samples else []  # scored before the update
         t1 = time.perf_counter()
         per = len(samples) // k
         update_metrics: list[dict[str, float]] = []
@@ -286,6 +294,10 @@ class RLTrainer:
                 metrics[key] = metrics.get(key, 0.0) + value
         self._inflight = []
         self.rl_step += 1
+        if dump and self.rank == 0:
+            from minpro_megatron.logging.samples import append_rows
+
+            append_rows(self.out_dir, [dict(row, step=self.rl_step) for row in dump])
         t2 = time.perf_counter()
         sync = self.engine.update_weights(self.rl_step)
         sync_s = time.perf_counter() - t2
@@ -310,6 +322,28 @@ class RLTrainer:
         )
         metrics.pop("_gen_tokens", None)
         return metrics
+
+    def _sample_dump(self, groups: Sequence[Group]) -> list[dict]:
+        """logging.dump_samples rows of this rank's first samples, scored by the current (pre-update) policy.
+        Collective: every rank scores the same number of samples (experts may span DP ranks)."""
+        from minpro_megatron.logging.samples import sample_row
+
+        picked = [(g, s, r, a) for g in groups for s, r, a in zip(g.samples, g.rewards, g.advantages) if s.response_ids]
+        n = int(-self._max_dp(-min(self.cfg.logging.dump_samples, len(picked))))
+        picked = picked[:n]
+        logps = self.learner.score([
+            TrainSample(torch.tensor(s.prompt_ids + s.response_ids), len(s.prompt_ids), torch.tensor(s.logprobs), a)
+            for _, s, _, a in picked
+        ]) if n else []
+        rows = []
+        for i, ((g, s, r, a), lp) in enumerate(zip(picked, logps)):
+            rows.append(sample_row(
+                self.rl_step + 1, i, prompt=g.problem.prompt, response=self.decode_response(s.response_ids),
+                answer=g.problem.answer, data_source=g.problem.data_source, reward=r, advantage=a,
+                versions=s.weight_versions, tokens=self.tokenizer.convert_ids_to_tokens(list(s.response_ids)),
+                behaviour_logp=list(s.logprobs), logp=lp.tolist(), prefix_first_value=self.cfg.loss.prefix_first_value,
+            ))
+        return rows
 
     def _batch_digest(self, samples: Sequence[TrainSample]) -> float:
         """A 32-bit digest of the trained tokens of all DP ranks (equal batches -> equal digests): makes
@@ -409,11 +443,24 @@ class RLTrainer:
             state["buffer"] = bs
         return state
 
+    def model_metadata(self) -> dict:
+        """What every checkpoint records so that tools/convert_megatron_to_hf.py needs no other input:
+        the (resolved) model config, the original config.json and the tokenizer."""
+        m = self.cfg.model
+        hf_config = None
+        if m.hf_path:
+            from minpro_megatron.convert.hf_config import load_hf_config
+
+            hf_config = load_hf_config(m.hf_path)
+        return {"model_config": to_dict(m), "hf_config": hf_config,
+                "tokenizer": m.tokenizer_path or m.hf_path or BUILTIN_TOKENIZER}
+
     def save(self) -> Path:
         from minpro_megatron.learner.checkpoint import save_checkpoint
 
         return save_checkpoint(
-            self.learner, self.ckpt_dir, extra={"rl_step": self.rl_step}, keep_last=self.cfg.checkpoint.keep_last,
+            self.learner, self.ckpt_dir, extra={"rl_step": self.rl_step, **self.model_metadata()},
+            keep_last=self.cfg.checkpoint.keep_last,
             rank_state=self.rank_state(), iteration=self.rl_step,
         )
 
@@ -421,6 +468,10 @@ class RLTrainer:
         from minpro_megatron.learner.checkpoint import latest_iteration, load_checkpoint, load_rank_state
 
         root = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else self.ckpt_dir
+        if self.cfg.checkpoint.load and latest_iteration(self.ckpt_dir) is not None:
+            root = self.ckpt_dir  # a requeued run continues from its own checkpoints, not from its starting point
+        elif self.cfg.checkpoint.load and _is_model_only(root):
+            return self._start_from_model_checkpoint(root)
         if latest_iteration(root) is None:
             if self.cfg.checkpoint.load:
                 raise FileNotFoundError(f"checkpoint.load={str(root)!r} holds no checkpoint (no latest_checkpointed_iteration.txt)")
@@ -445,6 +496,22 @@ class RLTrainer:
         if self.rank == 0:
             print(f"resumed from {root} at RL step {self.rl_step}", flush=True)
         return True
+
+    def _start_from_model_checkpoint(self, root: Path) -> bool:
+        """checkpoint.load is a model-only checkpoint (tools/convert_hf_to_megatron.py): a new run from its
+        weights, said in plain words. Returns False: nothing is resumed (step 0, new optimizer and data)."""
+        from minpro_megatron.convert.megatron_checkpoint import load_model_checkpoint
+
+        path = load_model_checkpoint(self.learner.model, root)
+        self.learner.optimizer.reload_model_params()
+        self._initialised_from = path
+        if self.rank == 0:
+            warm = (f"then {self.cfg.train.warm_start_steps} warm-start steps" if self.cfg.train.warm_start_steps
+                    else "no warm start (train.warm_start_steps=0)")
+            print(f"starting a new run from the weights of {path} (a model-only checkpoint, e.g. converted from "
+                  f"Hugging Face): RL step 0, a fresh optimizer and LR schedule, the data from the start, {warm}; "
+                  f"checkpoints go to {self.ckpt_dir}", flush=True)
+        return False
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
@@ -503,6 +570,22 @@ def _mean_dicts(dicts: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: sum(d[k] for d in dicts) / len(dicts) for k in keys}
 
 
+def _is_model_only(root: Path) -> bool:
+    """A checkpoint without optimizer or scheduler state (what the converters write)."""
+    from megatron.core import dist_checkpointing
+
+    from minpro_megatron.learner.checkpoint import checkpoint_path, latest_iteration
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return False
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_path(root, iteration)))
+    return "scheduler" not in common
+
+
+BUILTIN_TOKENIZER = "builtin:char"  # checkpoint metadata: the character tokenizer of models/tiny_hf.py
+
+
 def load_tokenizer(cfg: RunConfig):
     """The policy's tokenizer: from model.tokenizer_path / model.hf_path, or the built-in character
     tokenizer of the embedded default."""
@@ -535,16 +618,37 @@ def make_engine(cfg: RunConfig, learner: Any, eos_id: int, tokenizer: Any, out_d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``minpro-train CONFIG [section.field=value ...]`` (launch with torchrun for several processes)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(main.__doc__)
-        return 0 if argv else 2
-    cfg = load_config(argv[0], argv[1:])
-    if cfg.model.hf_path:  # validate against the real architecture (config.json)
-        from minpro_megatron.convert.hf_config import resolve_model_config
+    """``minpro-train CONFIG [section.field=value ...]`` (launch with torchrun for several processes);
+    ``minpro-train --show-config [CONFIG] [overrides]`` prints the resolved config with each field's help."""
+    from minpro_megatron.cli_support import Parser
 
-        cfg.model = resolve_model_config(cfg.model)
+    p = Parser(prog="minpro-train", description="The RL trainer: minpro-train CONFIG [section.field=value ...] "
+               "(under torchrun for a parallel layout). Fields: docs/config.md or --show-config.")
+    p.add_argument("args", nargs="*", metavar="CONFIG [OVERRIDE]", help="run config YAML, then section.field=value overrides")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved config (each field with its help text and default) and exit")
+    a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    config = a.args[0] if a.args and "=" not in a.args[0] else None
+    overrides = a.args[1:] if config else a.args
+    if config is None and not a.show_config:
+        p.error("a run config is required, e.g. minpro-train examples/tiny_moe_cpu.yaml (or --show-config)")
+    cfg = load_config(config, overrides)
+    if a.show_config:
+        from minpro_megatron.config_docs import render_resolved
+
+        print(render_resolved(cfg, f"minpro-train --show-config {' '.join(a.args)}".rstrip()), end="")
+        return 0
+    # Everything the run reads from outside is checked before a process group, model or folder exists.
+    from minpro_megatron.preflight import check_run_inputs
+
+    check_run_inputs(cfg)
+    if cfg.model.hf_path:  # validate against the real architecture (config.json)
+        from minpro_megatron.convert.hf_config import hf_override_message, resolve_model_config
+
+        configured, cfg.model = cfg.model, resolve_model_config(cfg.model)
+        if os.environ.get("RANK", "0") == "0":
+            print(hf_override_message(configured, cfg.model), flush=True)
+    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
     from minpro_megatron.learner.distributed import destroy_distributed, init_distributed
 
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)

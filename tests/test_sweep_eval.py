@@ -52,5 +52,6 @@ def test_two_methods_two_staleness_sweep_writes_table_and_plots(tmp_path) -> Non
     assert eval_main([str(TINY), "--checkpoint", str(ckpt), "--data", str(bench), "--n", "4", "--k", "1,4"]) == 0
     import json
 
-    res = json.loads((ckpt / "eval_bench.json").read_text())
+    (result,) = (out / "runs" / "minpro-n0-s1" / "eval").glob("bench-iter2-*.json")  # next to the run (issue 18)
+    res = json.loads(result.read_text())
     assert res["problems"] == 2 and 0.0 <= res["pass@1"] <= res["pass@4"] <= 1.0

@@ -5,7 +5,7 @@ against the learner's, metrics read back from the event files.
 
 fp32 servers make the comparison exact (measured ~1e-6). bf16 servers differ from the fp32 learner by
 ~0.03 in log-prob typically and up to ~1 where an MoE routing near-tie flips under bf16 rounding
-(recipes.md), so rollout.verify_threshold must be loose (or unset) for bf16 fleets."""
+(measured), so rollout.verify_threshold must be loose (or unset) for bf16 fleets."""
 
 from __future__ import annotations
 

@@ -33,8 +33,10 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     from minpro_megatron.convert.tool_support import add_layout_args
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    from minpro_megatron.cli_support import Parser
+
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--hf-dir", required=True, help="Hugging Face checkpoint directory (config.json + *.safetensors)")
     p.add_argument("--out", required=True, help="output root (gets iter_XXXXXXX/, the tracker file and hf/)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -101,10 +103,16 @@ def convert(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from minpro_megatron.cli_support import require_dir, require_file
+
     args = build_parser().parse_args(argv)
+    require_dir(args.hf_dir, "--hf-dir")
+    require_file(Path(args.hf_dir) / "config.json", "--hf-dir")
     convert(args)
     return 0
 
 
 if __name__ == "__main__":  # required: dist_checkpointing.save spawns a multiprocessing Manager
-    sys.exit(main())
+    from minpro_megatron.cli_support import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,9 +1,9 @@
 """Optional backend: NVIDIA Megatron-Bridge (``megatron.bridge.AutoBridge``) where it is installed.
 
 Why optional: current Megatron-Bridge releases need Python >= 3.12 (0.3.1 is the newest for 3.11) and
-pull TransformerEngine imports that break on CPU machines (feasibility.md Q6: an unguarded
-``import transformer_engine.pytorch`` in peft/lora_layers.py, and SequentialMLP exports failing at
-param_mapping.py:677). The built-in mapping (convert/mapping.py) is the default and the tested path;
+pull TransformerEngine imports that break on CPU machines (an unguarded
+``import transformer_engine.pytorch`` in Megatron-Bridge's peft/lora_layers.py, and SequentialMLP exports
+failing at its param_mapping.py:677). The built-in mapping (convert/mapping.py) is the default and the tested path;
 this adapter lets a GPU cluster with Megatron-Bridge in its container use the bridge's per-family
 mappings instead, e.g. for an architecture the built-in table does not cover.
 

@@ -1,5 +1,5 @@
 """config.json <-> ModelConfig: the model's architecture comes from the checkpoint, never from hand-written
-arguments (hand-copied sizes drift from the checkpoint: anchors.md, complaint 8).
+arguments (hand-copied sizes drift from the checkpoint).
 
     model = model_config_from_hf("/ckpt/Qwen3-30B-A3B")              # every architecture field derived
     model = resolve_model_config(cfg.model)                         # same, when cfg.model.hf_path is set
@@ -29,6 +29,7 @@ __all__ = [
     "load_hf_config",
     "model_config_from_hf",
     "resolve_model_config",
+    "hf_override_message",
 ]
 
 # ModelConfig fields derived from config.json; the others (dtype, dispatcher, aux loss, paths, padding)
@@ -50,7 +51,7 @@ def load_hf_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: point at a Hugging Face checkpoint directory with a config.json")
+        raise UnsupportedModelError(f"{path} does not exist: point at a Hugging Face checkpoint directory with a config.json")
     return json.loads(path.read_text())
 
 
@@ -269,3 +270,14 @@ def hf_config_from_model(model: ModelConfig, *, base: Mapping[str, Any] | None =
     if fam.model_type == "mixtral" and not model.moe_norm_topk_prob:
         raise UnsupportedModelError("MixtralForCausalLM always renormalises the top-k weights; set model.moe_norm_topk_prob=true")
     return out
+
+
+def hf_override_message(configured: ModelConfig, resolved: ModelConfig) -> str:
+    """What ``resolve_model_config`` did, in words: the config.json the architecture comes from and every
+    model field whose configured value it replaced."""
+    changed = [f"model.{f} {getattr(configured, f)!r} -> {getattr(resolved, f)!r}"
+               for f in ARCHITECTURE_FIELDS if getattr(configured, f) != getattr(resolved, f)]
+    where = Path(str(resolved.hf_path)) / "config.json"
+    if not changed:
+        return f"model: architecture from {where} (the configured model fields agree with it)"
+    return f"model: architecture from {where}; it replaces {len(changed)} configured field(s): {', '.join(changed)}"

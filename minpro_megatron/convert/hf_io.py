@@ -19,6 +19,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from minpro_megatron.config_base import UserError
+
 __all__ = ["HFCheckpoint", "HFWeightsError", "write_safetensors_shards", "copy_hf_side_files", "HF_SIDE_FILES"]
 
 # Files copied next to exported weights (tokenizer, generation defaults, chat template).
@@ -29,7 +31,7 @@ HF_SIDE_FILES = (
 _INDEX = "model.safetensors.index.json"
 
 
-class HFWeightsError(RuntimeError):
+class HFWeightsError(RuntimeError, UserError):
     """A Hugging Face checkpoint lacks a tensor, has one of the wrong shape, or holds unexpected ones."""
 
 
@@ -37,7 +39,7 @@ class HFCheckpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise FileNotFoundError(f"{self.path} is not a directory: point at a Hugging Face checkpoint directory")
+            raise HFWeightsError(f"{self.path} is not a directory: point at a Hugging Face checkpoint directory")
         self.files = self._index()
 
     def _index(self) -> dict[str, Path]:

@@ -14,19 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from minpro_megatron.config_base import UserError
 from minpro_megatron.data.tasks import Problem, task_split
 
 __all__ = ["DatasetError", "load_problems", "PromptStream", "load_dataset_pair"]
 
 
-class DatasetError(ValueError):
+class DatasetError(ValueError, UserError):
     """A dataset file or row is unusable; the message names the file, row and field."""
 
 
 def load_problems(
-    path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer", source_key: str = "data_source"
+    path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer", source_key: str = "data_source",
+    default_source: str = "math",
 ) -> list[Problem]:
-    """Read a .jsonl / .json (one object per line) or .parquet file of problems."""
+    """Read a .jsonl / .json (one object per line) or .parquet file of problems. Rows without
+    ``source_key`` get ``default_source`` (``""`` lets the caller see which rows had none)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset file {str(path)!r} does not exist")
@@ -45,13 +48,14 @@ def load_problems(
                 raise DatasetError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one object") from None
     else:
         raise DatasetError(f"dataset file {str(path)!r}: unsupported extension {path.suffix!r}; use .jsonl or .parquet")
-    problems = [_row(path, where, row, prompt_key, answer_key, source_key) for where, row in rows]
+    problems = [_row(path, where, row, prompt_key, answer_key, source_key, default_source) for where, row in rows]
     if not problems:
         raise DatasetError(f"dataset file {str(path)!r} has no rows")
     return problems
 
 
-def _row(path: Path, where: str, row: Any, prompt_key: str, answer_key: str, source_key: str) -> Problem:
+def _row(path: Path, where: str, row: Any, prompt_key: str, answer_key: str, source_key: str,
+         default_source: str = "math") -> Problem:
     if not isinstance(row, dict):
         raise DatasetError(f"{path} {where}: expected an object with {prompt_key!r} and {answer_key!r}, got {type(row).__name__}")
     prompt = row.get(prompt_key)
@@ -72,7 +76,7 @@ def _row(path: Path, where: str, row: Any, prompt_key: str, answer_key: str, sou
             f"{path} {where}: field {answer_key!r} must be a non-empty string or number (got {answer!r}); "
             f"set data.answer_key if the column has another name"
         )
-    source = row.get(source_key, "math")
+    source = row.get(source_key, default_source)
     if not isinstance(source, str):
         raise DatasetError(f"{path} {where}: field {source_key!r} must be a string, got {source!r}")
     return Problem(prompt, answer.strip(), source)

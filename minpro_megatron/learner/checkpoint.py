@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 import torch.distributed as dist
 
+from minpro_megatron.config_base import UserError
+
 if TYPE_CHECKING:
     from minpro_megatron.learner.learner import Learner
 
@@ -43,7 +45,7 @@ _TRACKER = "latest_checkpointed_iteration.txt"
 _OPTIM_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, UserError):
     """A checkpoint is missing, incomplete or does not fit the model; the message names what and where."""
 
 

@@ -8,7 +8,17 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-__all__ = ["read_scalars", "summary_rows", "write_markdown_table", "write_csv", "plot_runs"]
+__all__ = ["read_scalars", "read_wall_span", "summary_rows", "write_markdown_table", "write_csv", "plot_runs"]
+
+
+def read_wall_span(log_dir: str | Path) -> tuple[float, float] | None:
+    """(first, last) wall-clock time (Unix seconds) of the scalar events under ``log_dir``; None if none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    times = [e.wall_time for tag in acc.Tags().get("scalars", []) for e in acc.Scalars(tag)]
+    return (min(times), max(times)) if times else None
 
 
 def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -29,17 +39,21 @@ def _window_mean(points: Sequence[tuple[int, float]], first: bool, k: int) -> fl
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def summary_rows(scalars: Mapping[str, Sequence[tuple[int, float]]], tags: Iterable[str], window: int = 5) -> list[dict]:
-    """Per tag: first-window mean, last-window mean, min, max, number of points."""
+def summary_rows(
+    scalars: Mapping[str, Sequence[tuple[int, float]]], tags: Iterable[str], window: int = 5, few: int = 20
+) -> list[dict]:
+    """Per tag: first and last value (means of the first / last ``window`` points once a series has at
+    least ``few`` points: a sparse series such as evaluations shows its real endpoints), min, max, points."""
     rows = []
     for tag in tags:
         pts = scalars.get(tag, [])
         vals = [v for _, v in pts if not math.isnan(v)]
+        k = window if len(pts) >= few else 1
         rows.append(
             {
                 "metric": tag,
-                "first": _window_mean(pts, True, window),
-                "last": _window_mean(pts, False, window),
+                "first": _window_mean(pts, True, k),
+                "last": _window_mean(pts, False, k),
                 "min": min(vals) if vals else math.nan,
                 "max": max(vals) if vals else math.nan,
                 "points": len(pts),
@@ -84,8 +98,10 @@ def plot_runs(
     path: str | Path,
     title: str = "",
     smooth: int = 1,
+    xlabels: Mapping[str, str] | None = None,
 ) -> Path:
-    """One panel per tag, one line per run. ``runs``: {label: read_scalars(...)}."""
+    """One panel per tag, one line per run. ``runs``: {label: read_scalars(...)}; ``xlabels``: the x-axis
+    label of a tag's panel when it is not "step" (e.g. warm-start steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +122,7 @@ def plot_runs(
                 vals = [sum(vals[max(0, i - smooth + 1) : i + 1]) / len(vals[max(0, i - smooth + 1) : i + 1]) for i in range(len(vals))]
             ax.plot(steps, vals, label=label, lw=1.4)
         ax.set_title(tag, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel((xlabels or {}).get(tag, "step"), fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")

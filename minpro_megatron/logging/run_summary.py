@@ -1,13 +1,20 @@
-"""End-of-run report of one training run: summary.md (table) and plot.png, from its TensorBoard events."""
+"""End-of-run report of one training run: summary.md (what was run, then a table) and plot.png, from its
+config.yaml and TensorBoard events. Internal metrics (``debug/...``) are never shown."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
-from minpro_megatron.logging.report import plot_runs, read_scalars, summary_rows, write_markdown_table
+import yaml
 
-__all__ = ["SUMMARY_TAGS", "PLOT_TAGS", "write_run_summary"]
+from minpro_megatron.logging.report import plot_runs, read_scalars, read_wall_span, summary_rows, write_markdown_table
 
+__all__ = ["SUMMARY_TAGS", "PLOT_TAGS", "WARM_START_TAG", "INTERNAL_PREFIX", "run_description", "write_run_summary"]
+
+INTERNAL_PREFIX = "debug/"  # checks for tests and resume (e.g. debug/batch_digest): metrics.jsonl only
+WARM_START_TAG = "warm_start/nll"
 SUMMARY_TAGS = [
     "rollout/reward_mean",
     "rollout/accuracy",
@@ -24,8 +31,10 @@ SUMMARY_TAGS = [
     "time/step_s",
     "time/rollout_s",
     "time/train_s",
+    WARM_START_TAG,
 ]
 PLOT_TAGS = [
+    WARM_START_TAG,
     "rollout/reward_mean",
     "eval/accuracy",
     "loss/entropy",
@@ -33,14 +42,89 @@ PLOT_TAGS = [
     "loss/rho_min_mean",
     "rollout/response_length",
 ]
+FEW_POINTS = 20  # below this many points a row shows the first and last value, else 10-point means
+WINDOW = 10
+
+
+def _method(cfg: dict) -> str:
+    loss = cfg.get("loss", {})
+    name = loss.get("name", "?")
+    if name == "minpro" and loss.get("prefix_stat", "min") != "min":
+        name += f" (prefix_stat={loss['prefix_stat']})"
+    return name
+
+
+def _model(cfg: dict) -> str:
+    m = cfg.get("model", {})
+    text = f"{m.get('num_layers')} layers, hidden {m.get('hidden_size')}"
+    if m.get("num_experts"):
+        text += f", {m['num_experts']} experts top-{m.get('moe_router_topk')}"
+    return text + (f", from {m['hf_path']}" if m.get("hf_path") else ", random init")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (f"{seconds // 3600} h " if seconds >= 3600 else "") + f"{seconds % 3600 // 60} min {seconds % 60} s"
+
+
+def run_description(run_dir: str | Path, scalars: dict[str, list] | None = None) -> dict[str, str]:
+    """What was run, in words: method, staleness, steps, wall time, warm start, model, data, learning rate."""
+    run_dir = Path(run_dir)
+    cfg: dict[str, Any] = {}
+    if (run_dir / "config.yaml").is_file():
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    scalars = read_scalars(run_dir / "tb") if scalars is None else scalars
+    train, st = cfg.get("train", {}), cfg.get("rollout", {}).get("staleness", {})
+    rl_steps = max((s for s, _ in scalars.get("rollout/reward_mean", [])), default=0)
+    out = {
+        "method": _method(cfg),
+        "staleness": f"{st.get('mode', 'exact')}, n={st.get('n', 0)}",
+        "steps": f"{rl_steps} of {train.get('steps', '?')} RL steps "
+                 f"({train.get('rollout_batch_size', '?')} prompts x {train.get('group_size', '?')} samples each)",
+    }
+    span = read_wall_span(run_dir / "tb") if (run_dir / "tb").is_dir() else None
+    if span:
+        # config.yaml is written when the (last) start begins, before the model is built
+        start = min(span[0], (run_dir / "config.yaml").stat().st_mtime) if cfg else span[0]
+        out["wall time"] = (f"{_duration(span[1] - start)} from the start (of the last resume, if any) to the last "
+                            f"logged metric, {time.strftime('%Y-%m-%d %H:%M', time.localtime(span[1]))}")
+    warm = int(train.get("warm_start_steps", 0) or 0)
+    nll = scalars.get(WARM_START_TAG, [])
+    if warm:
+        text = f"{warm} supervised steps at lr {train.get('warm_start_lr')}"
+        if nll:
+            text += f", nll {nll[0][1]:.4g} -> {nll[-1][1]:.4g}"
+        out["warm start"] = text
+    else:
+        out["warm start"] = "none"
+    out["model"] = _model(cfg)
+    data = cfg.get("data", {})
+    out["data"] = data.get("train_path") or data.get("task", "?") if data else "?"
+    out["optimizer"] = f"lr {cfg.get('optim', {}).get('lr')}, {train.get('updates_per_batch', 1)} update(s) per batch"
+    return out
+
+
+def _title(label: str, desc: dict[str, str]) -> str:
+    return (f"{label}: {desc['method']}, staleness {desc['staleness']}, {desc['steps'].split(' (')[0]}, "
+            f"{desc['optimizer']}\nwarm start {desc['warm start']}; model {desc['model']}")
 
 
 def write_run_summary(run_dir: str | Path, label: str | None = None) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
-    scalars = read_scalars(run_dir / "tb")
-    rows = summary_rows(scalars, [t for t in SUMMARY_TAGS if t in scalars], window=10)
-    table = run_dir / "summary.md"
-    write_markdown_table(rows, table, title=f"Run summary: {label or run_dir.name} (means of the first / last 10 logged points)")
-    plot = plot_runs({label or run_dir.name: scalars}, [t for t in PLOT_TAGS if t in scalars], run_dir / "plot.png",
-                     title=label or run_dir.name, smooth=3)
-    return table, plot
+    label = label or run_dir.name
+    scalars = {t: v for t, v in read_scalars(run_dir / "tb").items() if not t.startswith(INTERNAL_PREFIX)}
+    desc = run_description(run_dir, scalars)
+    rows = summary_rows(scalars, [t for t in SUMMARY_TAGS if t in scalars], window=WINDOW, few=FEW_POINTS)
+    table = write_markdown_table(rows)
+    text = "\n".join([
+        f"# Run summary: {label}", "",
+        *(f"- **{k}**: {v}" for k, v in desc.items()), "",
+        f"first / last: the first and last logged value of a metric with fewer than {FEW_POINTS} points, else the "
+        f"means of its first / last {WINDOW} points. warm_start/nll is on the warm-start step axis.", "",
+        table,
+    ])
+    path = run_dir / "summary.md"
+    path.write_text(text)
+    plot = plot_runs({label: scalars}, [t for t in PLOT_TAGS if t in scalars], run_dir / "plot.png",
+                     title=_title(label, desc), smooth=3, xlabels={WARM_START_TAG: "warm-start step"})
+    return path, plot

@@ -2,7 +2,8 @@
 
 Every metric the trainer produces goes through ``MetricsWriter.scalars``; names are "section/metric"
 (e.g. "loss/clip_frac_high", "rollout/reward_mean"). Non-finite values are written too (TensorBoard
-shows them as gaps), so a NaN is visible instead of silently dropped.
+shows them as gaps), so a NaN is visible instead of silently dropped. Internal metrics ("debug/...", e.g.
+the batch digest that makes resume checkable) go to metrics.jsonl only.
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ __all__ = ["MetricsWriter"]
 
 
 class MetricsWriter:
-    def __init__(self, log_dir: str | Path, enabled: bool = True, tensorboard: bool = True, purge_step: int | None = None) -> None:
+    def __init__(self, log_dir: str | Path, enabled: bool = True, tensorboard: bool = True, purge_step: int | None = None,
+                 wandb: dict | None = None) -> None:
         self.enabled = enabled
         self.log_dir = Path(log_dir)
         self._tb = None
         self._jsonl = None
+        self._wandb = None
         if not enabled:
             return
+        if wandb is not None:  # optional: imported only when logging.wandb is on (wandb.init(**wandb))
+            import wandb as wandb_module
+
+            self._wandb = wandb_module.init(**wandb, resume="allow")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -37,7 +44,11 @@ class MetricsWriter:
         clean = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
         if self._tb is not None:
             for name, value in clean.items():
-                self._tb.add_scalar(name, value, global_step=step)
+                if not name.startswith("debug/"):  # internal checks (batch digests) stay in metrics.jsonl
+                    self._tb.add_scalar(name, value, global_step=step)
+        if self._wandb is not None:
+            # the warm start and RL share the step numbers, so W&B (monotonic steps) gets the step as a value
+            self._wandb.log({"trainer/step": step, **{k: v for k, v in clean.items() if not k.startswith("debug/")}})
         if self._jsonl is not None:
             row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
             self._jsonl.write(json.dumps(row) + "\n")
@@ -57,6 +68,9 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -37,18 +37,18 @@ class LossConfig:
     O(sequences) CP exchange), so sweeps can compare rho_min across methods.
     """
 
-    name: LossName = "minpro"
-    aggregation: Aggregation = "token-mean"
-    eps_low: float | None = None
-    eps_high: float | None = None
-    dual_clip: float | None = None
-    kl_coef: float = 0.0
-    m2po_tau: float = 0.04
-    prefix_stat: PrefixStat = "min"
-    prefix_inclusive: bool = False
-    prefix_first_value: float = 1.0
-    prefix_cap_at_one: bool = False
-    prefix_diagnostics: bool = True
+    name: LossName = "minpro"  # policy loss (README 'Losses')
+    aggregation: Aggregation = "token-mean"  # token-mean over the global batch, or means over sequences
+    eps_low: float | None = None  # clip range low side: r >= 1 - eps_low; None: the loss's default (DEFAULT_CLIP)
+    eps_high: float | None = None  # clip range high side: r <= 1 + eps_high; None: the loss's default
+    dual_clip: float | None = None  # GRPO dual-clip constant c > 1; None: off
+    kl_coef: float = 0.0  # GRPO: weight of the k3 KL to a reference policy
+    m2po_tau: float = 0.04  # M2PO second-moment threshold
+    prefix_stat: PrefixStat = "min"  # MinPRO prefix statistic (prod: exact prefix ratio; none: CISPO)
+    prefix_inclusive: bool = False  # the statistic includes the current token (then it is the weight itself)
+    prefix_first_value: float = 1.0  # P at the first response token (exclusive mode); 1 is neutral
+    prefix_cap_at_one: bool = False  # cap the prefix statistic at 1
+    prefix_diagnostics: bool = True  # prefix-min metrics (rho_min_*) for every loss, for sweeps
 
     def clip_range(self) -> tuple[float, float]:
         lo, hi = DEFAULT_CLIP[self.name]

@@ -1,7 +1,7 @@
 """Tiny random Hugging Face policies and a character tokenizer, built locally with no downloads.
 
 Used by the embedded default (its tiny policy), by the SGLang tests (servers load the saved directory)
-and by the weight-sync benchmarks. Everything is a parameter; the defaults match recipes.md:
+and by the weight-sync benchmarks. Everything is a parameter; the defaults are:
 hidden 64, 2 layers, 4 heads, 2 kv heads, head_dim 16, 4 experts top-2 with norm_topk_prob.
 
     tok = build_char_tokenizer()
@@ -45,7 +45,7 @@ DEFAULT_ALPHABET = "0123456789+-*=(),. abcdefxyz"
 
 @dataclass
 class TinyModelSpec:
-    """Sizes of a tiny policy; the defaults are the shapes measured in recipes.md."""
+    """Sizes of a tiny policy; the defaults are the shapes the SGLang tests use."""
 
     kind: ModelKind = "qwen3_moe"
     vocab_size: int = 32
@@ -59,7 +59,7 @@ class TinyModelSpec:
     top_k: int = 2
     moe_intermediate_size: int = 32
     norm_topk_prob: bool = True
-    initializer_range: float = 0.02  # 0.125 makes the experts visibly matter (recipes.md)
+    initializer_range: float = 0.02  # 0.125 makes the experts visibly matter (per-expert log-prob differences well above float noise)
     max_position_embeddings: int = 512
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
@@ -237,3 +237,25 @@ def _check_saved(path: Path) -> None:
         if not (path / name).is_file():
             raise RuntimeError(f"save_tiny_model: {name} missing in {path}")
     json.loads((path / "config.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m minpro_megatron.models.tiny_hf --out DIR [--kind qwen3_moe] [--seed N]``: a tiny random
+    Hugging Face policy with the character tokenizer, for recipes and tests (docs/recipe_hf_rl_hf.md)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m minpro_megatron.models.tiny_hf", description=main.__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--kind", choices=["qwen2", "qwen3", "qwen3_moe"], default="qwen3_moe")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--initializer-range", type=float, default=0.125, help="std of the random weights")
+    a = p.parse_args(argv)
+    _, tok, path = make_tiny_model_dir(a.out, kind=a.kind, seed=a.seed, initializer_range=a.initializer_range)
+    print(f"wrote a tiny {a.kind} ({len(tok)}-token character tokenizer) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

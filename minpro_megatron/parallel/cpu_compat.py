@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["apply_cpu_compat", "applied_patches", "cuda_literals_to_cpu"]
+__all__ = ["apply_cpu_compat", "applied_patches", "cuda_literals_to_cpu", "filter_cpu_startup_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,27 @@ def applied_patches() -> tuple[str, ...]:
     return tuple(_APPLIED)
 
 
+# What megatron-core (and torch's extension loader) print on import when TransformerEngine, apex or CUDA
+# are absent: expected on the CPU path, replaced by the one line apply_cpu_compat logs. Nothing else is hidden.
+_CPU_ABSENT_WARNINGS = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"Transformer Engine is not installed",
+    r"(TE|Transformer Engine|transformer_engine|apex|Apex).{0,40}(not (installed|available|found))",
+)
+
+
+def filter_cpu_startup_warnings() -> None:
+    """Silence only the TE/apex/CUDA-absent import messages (a no-op with CUDA). Call before megatron imports."""
+    if torch.cuda.is_available():
+        return
+    import warnings
+
+    for pattern in _CPU_ABSENT_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
+
+
 def apply_cpu_compat() -> tuple[str, ...]:
     """Apply every CPU patch once; a no-op (returns ()) when CUDA is available."""
     global _DONE
@@ -59,6 +80,7 @@ def apply_cpu_compat() -> tuple[str, ...]:
         return ()
     if _DONE:
         return applied_patches()
+    filter_cpu_startup_warnings()
     import megatron.core  # noqa: F401  (fails loudly if megatron-core itself is missing)
 
     for name, patch in _PATCHES:
@@ -70,7 +92,8 @@ def apply_cpu_compat() -> tuple[str, ...]:
         except Exception as exc:  # a moved symbol must never stop training from starting
             log.warning("cpu_compat: %s failed (%s: %s); continuing without it", name, type(exc).__name__, exc)
     _DONE = True
-    log.warning("cpu_compat: CUDA absent, megatron-core patched for CPU: %s", ", ".join(_APPLIED))
+    log.warning("CPU path: no CUDA, so no TransformerEngine or apex: megatron-core's local layer spec and torch "
+                "kernels, patched for CPU (parallel/cpu_compat.py: %s)", ", ".join(_APPLIED))
     return applied_patches()
 
 

@@ -1,16 +1,25 @@
-"""Verifiable rewards, chosen by each problem's ``data_source``.
+"""Verifiable rewards, chosen by each problem's ``data_source`` through a registry.
 
-- arithmetic / sorting: exact match of the response (up to the first EOS / whitespace) with the answer.
-- math (default for files): math-verify's parse + verify of the final answer (the last \\boxed{...}, or
-  the whole response); with ``strict_format`` a response without \\boxed{} scores 0.
-Rewards are 1.0 for correct, 0.0 otherwise.
+- arithmetic / sorting: exact match of the response (whitespace removed) with the answer.
+- math, and any data_source nobody registered: math-verify's parse + verify of the final answer (the last
+  \\boxed{...}, or the whole response); with ``strict_format`` a response without \\boxed{} scores 0.
+Rewards are 1.0 for correct, 0.0 otherwise (a registered function may return any float).
+
+A new reward: ``register_reward("my_source", fn, grader="my-grader")`` with
+``fn(response, answer, strict_format) -> float``, in a module the run imports through
+``data.reward_modules`` (docs/data.md).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
-__all__ = ["reward", "exact_match", "math_reward", "extract_boxed"]
+__all__ = ["reward", "exact_match", "math_reward", "extract_boxed", "register_reward", "grader_name",
+           "registered_sources", "RewardFn", "DEFAULT_GRADER"]
+
+RewardFn = Callable[[str, str, bool], float]  # (response, answer, strict_format) -> reward
+DEFAULT_GRADER = "math-verify"
 
 
 def exact_match(response: str, answer: str) -> float:
@@ -50,7 +59,35 @@ def math_reward(response: str, answer: str, strict_format: bool = False) -> floa
 _WS = re.compile(r"\s+")
 
 
+def _exact_no_ws(response: str, answer: str, strict_format: bool = False) -> float:
+    return exact_match(_WS.sub("", response), answer)
+
+
+_REGISTRY: dict[str, tuple[RewardFn, str]] = {
+    "arithmetic": (_exact_no_ws, "exact-match"),
+    "sorting": (_exact_no_ws, "exact-match"),
+    "math": (math_reward, DEFAULT_GRADER),
+}
+
+
+def register_reward(data_source: str, fn: RewardFn, grader: str | None = None) -> None:
+    """Rows whose ``data_source`` is ``data_source`` are scored by ``fn(response, answer, strict_format)``;
+    ``grader`` names it in logs and eval results (default: the function's name)."""
+    if not data_source or not callable(fn):
+        raise ValueError("register_reward needs a non-empty data_source and a callable")
+    _REGISTRY[data_source] = (fn, grader or getattr(fn, "__name__", data_source))
+
+
+def registered_sources() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def grader_name(data_source: str) -> str:
+    """The grader that ``reward`` uses for ``data_source`` (math-verify for unregistered sources)."""
+    entry = _REGISTRY.get(data_source)
+    return entry[1] if entry else DEFAULT_GRADER
+
+
 def reward(data_source: str, response: str, answer: str, strict_format: bool = False) -> float:
-    if data_source in ("arithmetic", "sorting"):
-        return exact_match(_WS.sub("", response), answer)
-    return math_reward(response, answer, strict_format)
+    fn, _ = _REGISTRY.get(data_source, (math_reward, DEFAULT_GRADER))
+    return fn(response, answer, strict_format)

@@ -1,4 +1,4 @@
-"""What an SGLang server process needs to run on a host without CUDA (recipes.md section 1).
+"""What an SGLang server process needs to run on a host without CUDA.
 
 * ``SGLANG_USE_CPU_ENGINE=1``: without it SGLang's model construction imports vLLM's CUDA ops.
 * The pure-torch ``sgl_kernel`` stand-in (``sgl_kernel_standin/``), made visible by prepending its

@@ -92,7 +92,7 @@ def stop_pid_tree(pid: int, pgid: int | None, known_children: Sequence[int] = ()
 
 @dataclass
 class ServerLaunchSpec:
-    """How to launch one SGLang server (flags from recipes.md section 1)."""
+    """How to launch one SGLang server."""
 
     model_path: str
     host: str = "127.0.0.1"
@@ -106,7 +106,7 @@ class ServerLaunchSpec:
     # (1 - fraction) * free RAM meanwhile; other processes on a shared host do exactly that at 0.05. The KV
     # cache stays capped by max_total_tokens, so a larger fraction costs no memory.
     mem_fraction_static: float | None = None
-    max_total_tokens: int | None = None  # None: 4096 on CPU (recipes.md), SGLang's default on GPU
+    max_total_tokens: int | None = None  # None: 4096 on CPU, SGLang's default on GPU
     skip_tokenizer_init: bool = False
     load_format: str | None = None  # "dummy" for servers whose weights are pushed before the first rollout
     random_seed: int | None = 0

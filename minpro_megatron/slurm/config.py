@@ -38,18 +38,18 @@ class SlurmConfig:
     ``gpus_per_node // rollout.server_tp_size`` SGLang servers each (and the router on the first of them).
     """
 
-    job_name: str = "minpro"
+    job_name: str = "minpro"  # Slurm job name and run directory name
     output_root: str = "slurm_runs"  # run directories go under it: <output_root>/<job_name>
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str = "04:00:00"
-    learner_nodes: int = 1
-    rollout_nodes: int = 0
+    partition: str | None = None  # --partition
+    account: str | None = None  # --account
+    qos: str | None = None  # --qos
+    time: str = "04:00:00"  # --time limit (HH:MM:SS or D-HH:MM:SS)
+    learner_nodes: int = 1  # nodes running the trainer
+    rollout_nodes: int = 0  # nodes running SGLang servers (0: rollouts on the learner side)
     gpus_per_node: int = 8  # 0: a CPU cluster (no --gpus-per-node request)
     procs_per_node: int | None = None  # learner ranks per node; None: one per GPU
     cpus_per_node: int | None = None  # --cpus-per-task of the per-node launcher; None: the whole node
-    exclusive: bool = True
+    exclusive: bool = True  # --exclusive nodes
     extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--constraint=h100", "--mem=0"]
     # Launch environment
     python: str | None = None  # None: the submitting interpreter (or "python" inside a container)
@@ -57,8 +57,8 @@ class SlurmConfig:
     env: dict[str, str] = field(default_factory=dict)  # exported; NCCL_SOCKET_IFNAME here beats detection
     container_image: str | None = None  # pyxis/enroot: srun --container-image
     container_mounts: list[str] = field(default_factory=list)  # "src:dst[:flags]"; the run root is added
-    container_workdir: str | None = None
-    master_port: int = 29500
+    container_workdir: str | None = None  # working directory inside the container
+    master_port: int = 29500  # torch rendezvous port (+ job id % 1000)
     program: Literal["train", "doctor"] = "train"  # doctor: the distributed health check instead
     program_args: list[str] = field(default_factory=list)  # extra arguments before CONFIG (doctor options)
     # Rollout fleet: server TP, dtype, extra args and startup timeout come from the rollout section
@@ -66,11 +66,13 @@ class SlurmConfig:
     rollout_servers_per_node: int | None = None  # None: gpus_per_node // rollout.server_tp_size
     rollout_server_module: str = "sglang.launch_server"  # tests: minpro_megatron.slurm.stub_server
     # Preemption and resume
-    requeue: bool = True
+    requeue: bool = True  # --requeue, and requeue after a clean save on the time-limit signal
     signal_seconds: int = 120  # USR1 this long before the time limit: save, then requeue
     # Sweeps (job arrays)
     array_max_parallel: int | None = None  # the %N throttle of --array
+    # sweep collector job's command ({python}, {runs_dir}, {sweep_dir} are filled)
     collect_command: str = "{python} -m minpro_megatron.sweep collect {runs_dir}"
+    # inputs of the memory estimate (section)
     memory: MemoryEstimateConfig = field(default_factory=MemoryEstimateConfig)
 
     def ranks_per_node(self) -> int:

@@ -3,7 +3,7 @@
     with LocalCluster(prefix="/tmp/minpro-slurm", nodes=2, fake_gpus=2) as cluster:
         job = cluster.sbatch(["job.sbatch"]); cluster.wait_job(job, timeout=60)
 
-    python -m minpro_megatron.slurm.local_cluster start --nodes 2    # prints `export SLURM_CONF=...`
+    eval "$(python -m minpro_megatron.slurm.local_cluster start --nodes 2)"   # runs the `export SLURM_CONF=...` it prints
     python -m minpro_megatron.slurm.local_cluster status | stop
 
 Debian's slurm-wlm packages are installed with apt-get when ``slurmctld`` is missing (root only; ~15 s,
@@ -11,7 +11,7 @@ logged loudly). There is no systemd: every daemon runs in the foreground in its 
 stopped by the PID recorded under ``<prefix>/run`` (also when start fails half-way). Emulated nodes are
 ``node1..nodeN`` on 127.0.0.1 with one slurmd port each; their names go into /etc/hosts with a tag and
 leave again on stop. The cluster uses its own ports (16817+) and its own SLURM_CONF, so a real Slurm
-installation on the same machine is left alone. Facts behind every setting: design/research/slurm.md.
+installation on the same machine is left alone.
 """
 
 from __future__ import annotations
@@ -422,8 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster = LocalCluster(args.prefix, nodes=args.nodes, fake_gpus=args.fake_gpus, min_job_age=args.min_job_age)
     if args.action == "start":
         cluster.start()
-        print(cluster.status()["sinfo"])
-        print(f"export SLURM_CONF={cluster.conf}")
+        print(cluster.status()["sinfo"], file=sys.stderr)
+        # Slurm's commands find this cluster only through SLURM_CONF: the line below is a command to run in
+        # the user's shell (stdout holds only it, so `eval "$(... start)"` works too).
+        print("Slurm commands reach this cluster only with its config; run this in your shell:", file=sys.stderr)
+        print(f"export SLURM_CONF={cluster.conf}", flush=True)
     elif args.action == "stop":
         cluster.stop()
     else:

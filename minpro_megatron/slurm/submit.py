@@ -2,6 +2,7 @@
 
     minpro-slurm submit CONFIG [overrides...] [--nodes N] [--rollout-nodes R] [--run-dir DIR] [--dry-run]
     minpro-slurm sweep  CONFIG [overrides...] --methods grpo,minpro --staleness 0,1,2,4 --seeds 1,2 [--dry-run]
+    minpro-slurm status JOB_ID                 # state, exit code and reason from scontrol (no accounting needed)
 
 Everything is checked before submission (``layout.plan_layout``: GPUs x nodes against TP*PP*CP*DP, TP
 inside a node, EP dividing the experts, ...) and the memory estimate is printed. The run directory
@@ -282,11 +283,14 @@ def _sbatch(args: list[str], cwd: Path | None = None) -> str:
 
 
 COMMANDS = {"submit": "one training job (learner + rollout nodes)",
-            "sweep": "a job array over methods x staleness x seeds, then a collector job (afterany)"}
+            "sweep": "a job array over methods x staleness x seeds, then a collector job (afterany)",
+            "status": "state and exit code of a job (scontrol; works without Slurm accounting)"}
 
 
 def _parser(cmd: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"minpro-slurm {cmd}", description=COMMANDS[cmd])
+    from minpro_megatron.cli_support import Parser
+
+    p = Parser(prog=f"minpro-slurm {cmd}", description=COMMANDS[cmd])
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. slurm.partition=gpu optim.lr=1e-6")
     p.add_argument("--nodes", type=int, help="learner nodes (slurm.learner_nodes)")
@@ -306,10 +310,21 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print("usage: minpro-slurm {submit,sweep} CONFIG [overrides...] [options]  (-h after a command for help)\n"
-              + "\n".join(f"  {k:<7} {v}" for k, v in COMMANDS.items()), file=sys.stderr)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        print(f"error: minpro-slurm: unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else "")
+              + f"; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: minpro-slurm {submit,sweep,status} CONFIG [overrides...] [options]  (-h after a command for help)\n"
+              + "\n".join(f"  {k:<7} {v}" for k, v in COMMANDS.items()), file=sys.stderr if not argv else sys.stdout)
+        return 0 if argv else 2
+    if argv[0] == "status":
+        from minpro_megatron.slurm.status import main as status_main
+
+        return status_main(argv[1:])
     args = _parser(argv[0]).parse_intermixed_args(argv[1:])
     args.cmd = argv[0]
     overrides = list(args.overrides)
@@ -340,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir = args.run_dir or Path(cfg.slurm.output_root) / default
         job = build_job(cfg, run_dir, args.cmd, tasks)
     except ConfigError as exc:
-        print(f"minpro-slurm: config error: {exc}", file=sys.stderr)
+        print(f"error: config error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
     print(f"== minpro-slurm {args.cmd}{' (dry run)' if args.dry_run else ''}: {args.config} ==")
@@ -360,6 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("dry run: nothing written or submitted")
         return 0
 
+    if not args.no_submit:  # before anything is written: sbatch must exist and reach its controller
+        from minpro_megatron.slurm.status import check_slurm_reachable
+
+        check_slurm_reachable()
     if (job.run_dir / "config.yaml").exists():
         print("run dir exists: the job resumes from its checkpoints if there are any")
     job.write()

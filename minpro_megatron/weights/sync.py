@@ -1,6 +1,6 @@
 """Push a new set of HF-named weights into every rollout server, tagged with the learner step.
 
-Per server, never through the router (architecture.md, Weight sync):
+Per server, never through the router:
     pause_generation(mode) -> begin_weight_update -> buckets (weight_version=str(step) on the last one)
     -> end_weight_update -> flush_cache -> continue_generation
 (the disk transport skips begin/end: /update_weights_from_disk is not session-bound). Afterwards every

@@ -12,7 +12,7 @@
   COLOCATED GPU runs (learner and server on the same node). The payload is a ForkingPickler pickle of
   the tensors: CUDA tensors travel as CUDA IPC handles (no copy). It cannot run on CPU: CPU tensors are
   pickled as shared-memory file descriptors fetched through multiprocessing's resource_sharer, whose
-  authentication fails for an unrelated process and kills the server (recipes.md, hazards). On CPU use
+  authentication fails for an unrelated process and kills the server. On CPU use
   the distributed or disk transport; the tests check this payload's construction only.
 
 Every transport returns TransportStats (bytes, buckets, tensors, seconds).

@@ -1,5 +1,5 @@
 """parallel.cpu_compat: in one fresh gloo process, every probe (a real megatron-core call) first runs
-*without* the compatibility layer and fails the way feasibility.md recorded, then runs after
+*without* the compatibility layer and fails the way megatron-core fails on CPU, then runs after
 ``apply_cpu_compat()`` and gives the right values. Also: no effect when CUDA is reported available,
 idempotent, and the scoped device mode does not leak outside the wrapped functions."""
 

@@ -6,7 +6,7 @@ import pytest
 
 from minpro_megatron.models.tiny_hf import make_tiny_model_dir
 
-# recipes.md: a larger initializer_range makes the experts visibly matter for the log-probs
+# a larger initializer_range makes the experts visibly matter for the log-probs
 TINY = dict(kind="qwen3_moe", initializer_range=0.125, dtype="float32")
 
 

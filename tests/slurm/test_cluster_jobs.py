@@ -165,3 +165,18 @@ def test_local_cluster_status_cli(slurm_env):
     assert all(d["alive"] for d in status["daemons"].values())
     assert "node1" in status["sinfo"] and "gpu:2" in status["sinfo"]
     assert socket.gethostbyname("node2") == "127.0.0.1"  # the emulated nodes resolve (MASTER_ADDR)
+
+
+def test_minpro_slurm_status_shows_state_and_exit_code_without_accounting(slurm_env, tmp_path, capsys):
+    script = tmp_path / "fail.sbatch"
+    script.write_text(f"#!/bin/bash\n#SBATCH --output={tmp_path}/fail-%j.out\n#SBATCH --time=00:01:00\nexit 3\n")
+    job = slurm_env.sbatch([str(script)])
+    assert slurm_env.wait_job(job, timeout=60) == "FAILED"
+    assert submit.main(["status", job]) == 1  # a failed job: exit status 1 for scripts
+    out = capsys.readouterr().out
+    assert out.startswith(f"{job} fail.sbatch: FAILED, exit code 3 (signal 0)"), out
+    assert f"log {tmp_path}/fail-{job}.out" in out
+    from minpro_megatron import cli
+
+    assert cli.slurm_main(["status", "999999"]) == 2
+    assert "job 999999 is not known to the controller" in capsys.readouterr().err
