@@ -167,10 +167,23 @@ export ROUTER_PORT={r.router_port if router else ""} ROUTER_POLICY={_q(r.router_
 ROLLOUT_NODES=$(IFS=,; echo "${{NODES[*]:N_LEARNER}}")
 ROLLOUT_DIR=$RUN_DIR/rollout/$SLURM_JOB_ID
 mkdir -p "$ROLLOUT_DIR"
+# The servers and the router listen on node addresses: a per-job API key (0600; $MINPRO_API_KEY when
+# slurm.env sets it) that every request must carry (rollout/auth.py). rollout.sh passes it on.
+export MINPRO_API_KEY_FILE=$ROLLOUT_DIR/api_key
+rm -f "$MINPRO_API_KEY_FILE" "$MINPRO_API_KEY_FILE.sglang.yaml"
+(
+  umask 077
+  KEY=${{MINPRO_API_KEY:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n')}}
+  [[ $KEY =~ ^[A-Za-z0-9._~+/=-]{{16,512}}$ ]] || {{ echo "MINPRO_API_KEY: 16-512 of [A-Za-z0-9._~+/=-]" >&2; exit 1; }}
+  printf '%s\\n' "$KEY" >"$MINPRO_API_KEY_FILE"
+  printf 'api-key: %s\\n' "$KEY" >"$MINPRO_API_KEY_FILE.sglang.yaml"
+)
+OVERRIDES+=("rollout.api_key_file=$MINPRO_API_KEY_FILE")
 srun --nodes={layout.rollout_nodes} --ntasks={layout.rollout_nodes} --ntasks-per-node=1 --nodelist="$ROLLOUT_NODES" \\
   {_cpus(cfg)}{container} bash "$JOB_FILES/rollout.sh" "$ROLLOUT_DIR" {args} &
 ROLLOUT=$!
-{in_env}"$PYTHON" -m minpro_megatron.slurm.fleet wait "$ROLLOUT_DIR" --servers {layout.num_servers}{" --router" if router else ""} --timeout {r.server_startup_timeout_s:g}
+{in_env}"$PYTHON" -m minpro_megatron.slurm.fleet wait "$ROLLOUT_DIR" --servers {layout.num_servers}{" --router" if router else ""} --timeout {r.server_startup_timeout_s:g} \\
+  --api-key-file "$MINPRO_API_KEY_FILE"
 OVERRIDES+=("rollout.server_urls=[$(paste -sd, "$ROLLOUT_DIR/server_urls.txt")]"){router_url}
 """
 

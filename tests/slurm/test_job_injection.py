@@ -104,3 +104,37 @@ def test_config_copies_mask_secret_env_values():
     assert masked["slurm"]["env"] == {"HF_TOKEN": "***", "OMP_NUM_THREADS": "2"}
     assert to_dict(cfg)["slurm"]["env"]["HF_TOKEN"] == "abc"  # the config itself is untouched
     assert "abc" not in yaml.safe_dump(masked)
+
+
+def test_rollout_jobs_make_a_per_job_api_key(capsys, tmp_path):
+    """Item 13 on Slurm: the job script makes the key, rollout.sh hands it to servers and router, the learner
+    and the fleet wait get the key file. (The cluster test checks the servers then refuse requests without it.)"""
+    out = dry_run_text(capsys, "submit", str(QWEN3_8B))
+    for line in ('export MINPRO_API_KEY_FILE=$ROLLOUT_DIR/api_key',
+                 "printf 'api-key: %s\\n' \"$KEY\" >\"$MINPRO_API_KEY_FILE.sglang.yaml\"",
+                 'OVERRIDES+=("rollout.api_key_file=$MINPRO_API_KEY_FILE")', '--api-key-file "$MINPRO_API_KEY_FILE"'):
+        assert line in out, line
+    # the key-making lines of the job script, run as they are: a 0600 key file and SGLang's --config file
+    block = out[out.index("export MINPRO_API_KEY_FILE"):out.index('OVERRIDES+=("rollout.api_key_file')]
+    for env, expect in (({}, None), ({"MINPRO_API_KEY": "u" * 20}, "u" * 20)):
+        d = tmp_path / f"fleet{len(env)}"
+        d.mkdir()
+        subprocess.run(["bash", "-euo", "pipefail", "-c", block], env={"PATH": "/usr/bin:/bin", "ROLLOUT_DIR": str(d), **env},
+                       check=True)
+        key = (d / "api_key").read_text().strip()
+        assert len(key) >= 16 and (expect is None or key == expect)
+        assert (d / "api_key.sglang.yaml").read_text() == f"api-key: {key}\n"
+        assert {stat.S_IMODE(f.stat().st_mode) for f in d.iterdir()} == {0o600}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "ROLLOUT_DIR": str(bad), "MINPRO_API_KEY": "a b"})
+    assert proc.returncode != 0 and "MINPRO_API_KEY" in proc.stderr
+    rollout_sh = (ROOT / "launch_slurm" / "rollout.sh").read_text()
+    assert 'SERVER_AUTH=(--config "$MINPRO_API_KEY_FILE.sglang.yaml")' in rollout_sh
+    assert '--control-plane-api-keys "minpro:trainer:admin:$KEY"' in rollout_sh and "umask 077" in rollout_sh
+
+
+def dry_run_text(capsys, *args: str) -> str:
+    assert submit.main([*args, "--dry-run"]) == 0
+    return capsys.readouterr().out
