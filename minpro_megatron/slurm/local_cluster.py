@@ -17,8 +17,10 @@ A run killed before stop() (SIGKILL of pytest) leaves daemons, jobs and /etc/hos
 next start() cleans them: every process this harness starts (daemons, and through sbatch the jobs)
 carries MINPRO_LOCAL_SLURM=<prefix> in its environment, and ``STATE_FILE`` names the running cluster's
 prefix. Under the machine-wide lock, marked processes of another prefix are stale and are stopped,
-unless that cluster was started detached by the CLI (then start() says how to stop it). The cluster uses its own ports (16817+) and its own SLURM_CONF, so a real Slurm
-installation on the same machine is left alone. Facts behind every setting: design/research/slurm.md.
+unless that cluster was started detached by the CLI (then start() says how to stop it).
+
+The cluster uses its own ports (16817+) and its own SLURM_CONF, so a real Slurm installation on the
+same machine is left alone. Facts behind every setting: design/research/slurm.md.
 """
 
 from __future__ import annotations
