@@ -189,6 +189,10 @@ class RolloutConfig:
     weight_sync_timeout_s: float = 300.0  # seconds allowed for one weight update
     weight_sync_master_address: str = "127.0.0.1"  # the trainer's address as the servers reach it (multi-node: its IP)
     verify_threshold: float | None = None  # max |logp diff| allowed after a sync (None: report only)
+    # API key of servers + router (rollout/auth.py): a 0600 file holding it; None: $MINPRO_API_KEY or no key.
+    # Without a key every server, router and URL must be loopback unless allow_unauthenticated is set.
+    api_key_file: str | None = None
+    allow_unauthenticated: bool = False  # talk to non-loopback servers without a key (a private network only)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)  # how old rollouts may be (section)
 
     def validate(self) -> None:
@@ -213,6 +217,8 @@ class RolloutConfig:
             )
         if self.verify_threshold is not None and self.verify_threshold < 0:
             raise ConfigError(f"rollout.verify_threshold={self.verify_threshold} must be >= 0 or null")
+        if self.api_key_file is not None and not self.api_key_file.strip():
+            raise ConfigError("rollout.api_key_file is empty: give the path of a 0600 key file or null (no key)")
 
 
 @dataclass

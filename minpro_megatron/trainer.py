@@ -90,7 +90,10 @@ class RLTrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             import yaml
 
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            from minpro_megatron.slurm.validate import masked_dict
+
+            # secret-looking slurm.env values as '***': the output directory is shared and copied around
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(masked_dict(to_dict(cfg)), sort_keys=False))
         if cfg.model.hf_path:  # the architecture comes from config.json, never from hand-written arguments
             from minpro_megatron.convert.hf_config import resolve_model_config
 

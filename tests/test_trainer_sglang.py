@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from minpro_megatron.logging.report import read_scalars
+from minpro_megatron.rollout.auth import write_key_file
 from tests.mp_utils import run_multiprocess
 from tests.test_trainer_local import QUICK, TINY, run_trainer
 
@@ -20,10 +21,12 @@ pytestmark = [pytest.mark.sglang, pytest.mark.multiproc]
 
 def test_tp2_learner_with_a_real_sglang_server(tmp_path) -> None:
     out = tmp_path / "run"
+    key_file = tmp_path / "api_key"  # the fleet runs with an API key: every trainer call must carry it
+    write_key_file(key_file)
     argv = [
         str(TINY), *QUICK, "parallel.tensor=2", f"logging.output_dir={out}", "rollout.staleness.n=1",
         "rollout.backend=sglang", "rollout.num_servers=2", "rollout.server_dtype=float32", "rollout.base_port=0",
-        "rollout.router_port=0", "rollout.verify_threshold=1e-4",
+        "rollout.router_port=0", "rollout.verify_threshold=1e-4", f"rollout.api_key_file={key_file}",
     ]
     assert run_multiprocess(run_trainer, 2, argv, timeout=900) == [0, 0]
     scalars = read_scalars(out / "tb")
@@ -41,3 +44,6 @@ def test_tp2_learner_with_a_real_sglang_server(tmp_path) -> None:
     for tag in ("time/rollout_s", "time/rollout_wait_s", "throughput/rollout_tokens_per_s", "sync/seconds", "loss/entropy"):
         assert tag in last
     assert (out / "rollout" / "logs").is_dir()
+    # both servers and the router ran with the key (servers answer 401 without it: tests/rollout/test_fleet_auth_sglang.py)
+    assert all((out / "rollout" / "logs" / f"sglang_{i}.auth.yaml").is_file() for i in (0, 1))
+    assert "--api-key ***" in (out / "rollout" / "logs" / "router.log").read_text()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -35,6 +36,21 @@ class HFWeightsError(RuntimeError, UserError):
     """A Hugging Face checkpoint lacks a tensor, has one of the wrong shape, or holds unexpected ones."""
 
 
+def _shard_name(index: Path, tensor: str, file: object) -> str:
+    """A weight_map entry must name a file inside the checkpoint directory: an absolute path or a ``..``
+    would make a downloaded index read any file the process can read. Checked on the text, not after
+    resolving symlinks: the Hugging Face cache links every shard to ``../../blobs/<hash>`` on purpose."""
+    if not isinstance(file, str) or not file:
+        raise HFWeightsError(f"{index}: weight_map[{tensor!r}] = {file!r} must be a shard file name")
+    parts = file.replace("\\", "/").split("/")
+    if os.path.isabs(file) or file.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file) or ".." in parts:
+        raise HFWeightsError(
+            f"{index}: weight_map[{tensor!r}] = {file!r} points outside the checkpoint directory; shard names "
+            "must be relative paths inside it (e.g. 'model-00001-of-00002.safetensors'): fix or regenerate the index"
+        )
+    return file
+
+
 class HFCheckpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -47,8 +63,10 @@ class HFCheckpoint:
 
         index = self.path / _INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {name: self.path / f for name, f in weight_map.items()}
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise HFWeightsError(f"{index} has no 'weight_map' object (tensor name -> shard file name)")
+            return {name: self.path / _shard_name(index, name, f) for name, f in weight_map.items()}
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise HFWeightsError(f"no *.safetensors files in {self.path} (PyTorch .bin checkpoints are not supported; "

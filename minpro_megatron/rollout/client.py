@@ -34,6 +34,7 @@ from typing import Sequence
 
 import aiohttp
 
+from minpro_megatron.rollout.auth import bearer
 from minpro_megatron.rollout.types import (
     RolloutError,
     SampleGroup,
@@ -76,6 +77,7 @@ class RolloutClient:
         backoff_s: float = 0.2,
         version_aliases: dict[str, int] | None = None,
         progress: bool = True,
+        api_key: str | None = None,
     ):
         self.set_endpoints(endpoints)
         if max_concurrency < 1:
@@ -91,6 +93,7 @@ class RolloutClient:
         # "default" is SGLang's label for the weights a server started with = learner step 0
         self.version_aliases = {"default": 0} if version_aliases is None else dict(version_aliases)
         self.progress = progress
+        self._headers = bearer(api_key)  # servers / router started with --api-key answer 401 without it
         self.last_stats = BatchStats()
         self._inflight: Counter = Counter()
         self._down_until: dict[str, float] = {}
@@ -124,7 +127,9 @@ class RolloutClient:
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
         connector = aiohttp.TCPConnector(limit=self.max_concurrency, force_close=False)
         with _progress(self.progress, desc, len(prompts)) as advance:
-            async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False) as session:
+            async with aiohttp.ClientSession(
+                timeout=timeout, connector=connector, trust_env=False, headers=self._headers
+            ) as session:
 
                 async def one(i: int) -> None:
                     async with sem:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import requests
 
+from minpro_megatron.rollout.auth import bearer
+
 __all__ = ["ServerControl", "ServerControlError"]
 
 PauseMode = Literal["abort", "retract", "in_place"]
@@ -23,13 +25,14 @@ class ServerControlError(RuntimeError):
 
 
 class ServerControl:
-    def __init__(self, url: str, timeout_s: float = 300.0):
+    def __init__(self, url: str, timeout_s: float = 300.0, api_key: str | None = None):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"server url {url!r} must start with http:// (e.g. http://127.0.0.1:30100)")
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self._http = requests.Session()
         self._http.trust_env = False  # local servers: never route control calls through an HTTP proxy
+        self._http.headers.update(bearer(api_key))  # servers started with --api-key refuse calls without it
 
     def __repr__(self) -> str:
         return f"ServerControl({self.url})"

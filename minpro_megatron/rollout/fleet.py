@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from minpro_megatron.rollout.auth import check_fleet_auth, resolve_api_key
 from minpro_megatron.rollout.client import RolloutClient
 from minpro_megatron.rollout.control import ServerControl
 from minpro_megatron.rollout.router import RouterAdmin, RouterProcess
@@ -59,6 +60,9 @@ class RolloutFleet:
         if not cfg.server_urls and model_path is None:
             raise ValueError("RolloutFleet needs model_path (an HF directory) to launch servers, or rollout.server_urls")
         self.cfg = cfg
+        # every server, the router and every client share it (rollout/auth.py); None: loopback only
+        self.api_key = resolve_api_key(cfg)
+        check_fleet_auth(cfg, self.api_key)
         self.model_path = str(model_path) if model_path is not None else None
         self.log_dir = Path(log_dir)
         self.version = initial_version  # weights every admitted server holds
@@ -106,6 +110,7 @@ class RolloutFleet:
                     max_total_tokens=c.server_max_total_tokens,
                     extra_args=list(c.server_extra_args),
                     startup_timeout_s=c.server_startup_timeout_s,
+                    api_key=self.api_key,
                 )
             )
         return specs
@@ -114,21 +119,22 @@ class RolloutFleet:
         try:
             if self._attached:
                 for url in self._attached:
-                    if not ServerControl(url).healthy(timeout_s=10):
+                    if not ServerControl(url, api_key=self.api_key).healthy(timeout_s=10):
                         raise ConnectionError(f"rollout.server_urls: {url}/health does not answer 200; is the server up?")
             else:
                 self.pool = ServerPool(self._specs(), self.log_dir, on_restart=self._on_restart, on_death=self._on_death)
                 ready = self.pool.start()
                 log.info("SGLang servers ready: %s", {u: f"{t:.1f}s" for u, t in ready.items()})
             if self.cfg.router_url:
-                self.router_admin = RouterAdmin(self.cfg.router_url)
+                self.router_admin = RouterAdmin(self.cfg.router_url, api_key=self.api_key)
             elif self.cfg.use_router:
                 c = self.cfg
                 self.router = RouterProcess(
-                    self.log_dir / "router.log", host=c.host, port=None if c.router_port == 0 else c.router_port, policy=c.router_policy
+                    self.log_dir / "router.log", host=c.host, port=None if c.router_port == 0 else c.router_port,
+                    policy=c.router_policy, api_key=self.api_key,
                 )
                 self.router.start()
-                self.router_admin = RouterAdmin(self.router.url)
+                self.router_admin = RouterAdmin(self.router.url, api_key=self.api_key)
             if self.router_admin is not None:
                 already = set(self.router_admin.worker_urls(healthy_only=False))
                 for url in self.server_urls:
@@ -186,6 +192,7 @@ class RolloutFleet:
         kw.setdefault("max_concurrency", c.max_concurrency)
         kw.setdefault("max_attempts", c.request_retries + 1)
         kw.setdefault("request_timeout_s", c.request_timeout_s)
+        kw.setdefault("api_key", self.api_key)
         client = RolloutClient(self.generation_endpoints(), **kw)
         self._clients.append(client)
         return client
@@ -264,6 +271,7 @@ class RolloutFleet:
             pause_mode=self.cfg.pause_mode,
             probe=probe,
             control_timeout_s=self.cfg.weight_sync_timeout_s,
+            api_key=self.api_key,
         )
 
     def sync_weights(

@@ -16,6 +16,7 @@ from typing import Literal
 
 import requests
 
+from minpro_megatron.rollout.auth import bearer, redact, router_auth_args
 from minpro_megatron.rollout.server import ServerStartError, free_port, stop_pid_tree
 
 __all__ = ["RouterProcess", "RouterAdmin", "RouterError"]
@@ -32,11 +33,12 @@ class RouterError(RuntimeError):
 class RouterAdmin:
     """Worker registration on a running router (ours or one the user runs)."""
 
-    def __init__(self, url: str, timeout_s: float = 10.0):
+    def __init__(self, url: str, timeout_s: float = 10.0, api_key: str | None = None):
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self._http = requests.Session()
         self._http.trust_env = False
+        self._http.headers.update(bearer(api_key))  # /workers needs the control-plane (admin) key
 
     def close(self) -> None:
         self._http.close()
@@ -104,6 +106,7 @@ class RouterProcess:
         policy: Policy = "round_robin",
         worker_urls: list[str] | None = None,
         extra_args: list[str] | None = None,
+        api_key: str | None = None,
     ):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"router host={host!r}: the router binds 127.0.0.1 (its default 0.0.0.0 is refused)")
@@ -112,6 +115,7 @@ class RouterProcess:
         self.policy = policy
         self.initial_workers = list(worker_urls or [])
         self.extra_args = list(extra_args or [])
+        self.api_key = api_key  # required on /generate and /workers, and sent to the workers
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
         self._stopped = True
@@ -128,12 +132,14 @@ class RouterProcess:
         ]  # fmt: skip
         if self.initial_workers:
             cmd += ["--worker-urls", *self.initial_workers]
+        if self.api_key:
+            cmd += router_auth_args(self.api_key)
         return cmd + self.extra_args
 
     def start(self, timeout_s: float = 60.0) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
-            logf.write(f"\n===== router: {' '.join(self.command())}\n".encode())
+            logf.write(f"\n===== router: {' '.join(redact(self.command(), self.api_key))}\n".encode())
             logf.flush()
             self.proc = subprocess.Popen(
                 self.command(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True

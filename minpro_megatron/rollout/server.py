@@ -22,6 +22,7 @@ from typing import Callable, Literal, Sequence
 
 import requests
 
+from minpro_megatron.rollout.auth import bearer, is_loopback_host, write_sglang_auth_config
 from minpro_megatron.rollout.cpu_support import cpu_server_args, cuda_available, server_env, uses_standin
 
 __all__ = ["ServerLaunchSpec", "SGLangServer", "ServerPool", "ServerStartError", "free_port", "stop_pid_tree"]
@@ -114,6 +115,8 @@ class ServerLaunchSpec:
     env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 240.0
     allow_public_bind: bool = False
+    # --api-key (rollout/auth.py), given to the server in a 0600 --config file, never on its command line
+    api_key: str | None = field(default=None, repr=False)
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -128,10 +131,17 @@ class ServerLaunchSpec:
                 f"ServerLaunchSpec.host={self.host!r}: servers bind 127.0.0.1; set allow_public_bind=True only on a "
                 "cluster whose learner reaches the rollout nodes over the network"
             )
+        if not is_loopback_host(self.host) and not self.api_key:
+            raise ValueError(f"ServerLaunchSpec.host={self.host!r} is reachable from other hosts: set api_key "
+                             "(rollout.api_key_file or MINPRO_API_KEY) so that nobody else can push weights")
+        if self.api_key and "--config" in self.extra_args:
+            raise ValueError("ServerLaunchSpec.extra_args has --config, which the API key needs; move its options "
+                             "into extra_args")
         if self.tp_size < 1:
             raise ValueError(f"ServerLaunchSpec.tp_size={self.tp_size} must be >= 1")
 
-    def command(self, port: int) -> list[str]:
+    def command(self, port: int, auth_config: str | Path | None = None) -> list[str]:
+        """``auth_config``: the 0600 YAML file holding the API key (SGLangServer.start writes it)."""
         device = self.resolved_device()
         cmd = [
             sys.executable, "-m", "sglang.launch_server",
@@ -156,6 +166,10 @@ class ServerLaunchSpec:
             cmd += ["--load-format", self.load_format]
         if self.random_seed is not None:
             cmd += ["--random-seed", str(self.random_seed)]
+        if self.api_key:
+            if auth_config is None:
+                raise ValueError("ServerLaunchSpec.api_key is set: command() needs the auth_config file")
+            cmd += ["--config", str(auth_config)]
         return cmd + list(self.extra_args)
 
 
@@ -190,14 +204,21 @@ class SGLangServer:
         device = self.spec.resolved_device()
         env = server_env(device, {**os.environ, **self.spec.env})
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        logf = open(self.log_path, "ab")
-        banner = f"\n===== {self.name} start #{self.starts + 1}: {' '.join(self.spec.command(self.port))}\n"
+        auth = None
+        if self.spec.api_key:
+            auth = write_sglang_auth_config(self.log_path.with_name(f"{self.log_path.stem}.auth.yaml"), self.spec.api_key)
+        cmd = self.spec.command(self.port, auth)
+        # 0600 with a key: SGLang prints its server_args, api_key included, into this log
+        logf = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600 if auth else 0o644), "ab")
+        if auth:
+            os.chmod(self.log_path, 0o600)
+        banner = f"\n===== {self.name} start #{self.starts + 1}: {' '.join(cmd)}\n"
         if uses_standin(device):
             banner += "===== NO CUDA: this server imports the pure-torch sgl_kernel STAND-IN (cpu_support.py)\n"
         logf.write(banner.encode())
         logf.flush()
         self.proc = subprocess.Popen(
-            self.spec.command(self.port),
+            cmd,
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -230,6 +251,7 @@ class SGLangServer:
         t0 = time.monotonic()
         session = requests.Session()
         session.trust_env = False
+        session.headers.update(bearer(self.spec.api_key))  # /health* is open in SGLang 0.5.23; a later one may not be
         try:
             while True:
                 if self.proc.poll() is not None:

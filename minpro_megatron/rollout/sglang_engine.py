@@ -182,7 +182,7 @@ class SGLangEngine:
         if self.rank == 0:
             assert self.fleet is not None
             for url in self.fleet.admitted_urls():
-                tokens, lps = server_probe_logprobs(url, self.probe_prompt, max_new_tokens=8)
+                tokens, lps = server_probe_logprobs(url, self.probe_prompt, max_new_tokens=8, api_key=self.fleet.api_key)
                 seqs.append(tokens)
                 server_lps.append(lps)
         from minpro_megatron.rollout.transfer import decode_prompts, encode_prompts

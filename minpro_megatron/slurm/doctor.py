@@ -132,18 +132,28 @@ def check_layout(config: str, overrides: list[str], world: int) -> dict[str, Any
     p = cfg.parallel
     return {"ok": True, "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context,
             "data": p.data_parallel_size(world), "expert": p.expert, "expert_tensor": p.expert_tensor or 1,
-            "server_urls": list(cfg.rollout.server_urls), "checkpoint_dir": cfg.checkpoint.dir,
+            "server_urls": list(cfg.rollout.server_urls), "api_key_file": cfg.rollout.api_key_file,
+            "checkpoint_dir": cfg.checkpoint.dir,
             "checkpoint_load": cfg.checkpoint.load, "output_dir": cfg.logging.output_dir}
 
 
-def check_servers(urls: list[str], timeout: float = 10.0) -> list[dict[str, Any]]:
+def check_servers(urls: list[str], timeout: float = 10.0, api_key: str | None = None) -> list[dict[str, Any]]:
+    """GET /health of every server; with the fleet's API key also GET /model_info, which needs it."""
+    from minpro_megatron.rollout.auth import bearer
+
     rows = []
     for url in urls:
         t0 = time.perf_counter()
         try:
             with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:
-                rows.append({"url": url, "ok": resp.status == 200, "status": resp.status,
-                             "ms": round((time.perf_counter() - t0) * 1e3, 1)})
+                row = {"url": url, "ok": resp.status == 200, "status": resp.status,
+                       "ms": round((time.perf_counter() - t0) * 1e3, 1)}
+            if api_key:
+                req = urllib.request.Request(url.rstrip("/") + "/model_info", headers=bearer(api_key))
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    row["authenticated"] = resp.status == 200
+                    row["ok"] = row["ok"] and row["authenticated"]
+            rows.append(row)
         except OSError as exc:
             rows.append({"url": url, "ok": False, "error": str(exc)})
     return rows
@@ -257,7 +267,13 @@ def main(argv: list[str] | None = None) -> int:
 
     urls = (layout or {}).get("server_urls") or []
     if urls:
-        servers = check_servers(urls) if rank == 0 else []
+        key_file = (layout or {}).get("api_key_file")
+        if rank == 0:
+            from minpro_megatron.rollout.auth import read_key_file
+
+            servers = check_servers(urls, api_key=read_key_file(key_file) if key_file else None)
+        else:
+            servers = []
         report["rollout_servers"] = servers
         flag = torch.tensor([0 if all(s["ok"] for s in servers) else 1], device=device)
         dist.broadcast(flag, src=0)

@@ -17,6 +17,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from minpro_megatron.config_base import ConfigError
+from minpro_megatron.rollout.auth import bearer, read_key_file
+
 __all__ = ["listed_urls", "healthy", "wait_for_fleet", "main"]
 
 
@@ -27,9 +30,10 @@ def listed_urls(rollout_dir: Path) -> list[str]:
     return urls
 
 
-def healthy(url: str, timeout: float = 5.0) -> bool:
+def healthy(url: str, timeout: float = 5.0, api_key: str | None = None) -> bool:
+    req = urllib.request.Request(url.rstrip("/") + "/health", headers=bearer(api_key))
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status == 200
     except OSError:
         return False
@@ -42,7 +46,8 @@ def _failed(rollout_dir: Path) -> None:
         raise RuntimeError(f"rollout node failed: {failed[0].read_text().strip()} (logs: {logs})")
 
 
-def wait_for_fleet(rollout_dir: Path, servers: int, router: bool, timeout: float, poll: float = 1.0) -> list[str]:
+def wait_for_fleet(rollout_dir: Path, servers: int, router: bool, timeout: float, poll: float = 1.0,
+                   api_key: str | None = None) -> list[str]:
     t0 = time.monotonic()
     deadline = t0 + timeout
     pending: list[str] = []
@@ -50,7 +55,7 @@ def wait_for_fleet(rollout_dir: Path, servers: int, router: bool, timeout: float
         _failed(rollout_dir)
         urls = listed_urls(rollout_dir)
         if len(urls) >= servers:
-            pending = [u for u in urls if not healthy(u)]
+            pending = [u for u in urls if not healthy(u, api_key=api_key)]
             if not pending:
                 break
         if time.monotonic() > deadline:
@@ -61,7 +66,7 @@ def wait_for_fleet(rollout_dir: Path, servers: int, router: bool, timeout: float
     print(f"[fleet] {len(urls)} server(s) healthy after {time.monotonic() - t0:.1f} s: {', '.join(urls)}", flush=True)
     if router:
         url_file = rollout_dir / "router_url.txt"
-        while not (url_file.exists() and healthy(url_file.read_text().strip())):
+        while not (url_file.exists() and healthy(url_file.read_text().strip(), api_key=api_key)):
             _failed(rollout_dir)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"router not ready after {timeout:.0f} s; see {rollout_dir}/router.log")
@@ -78,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--servers", type=int, required=True)
     w.add_argument("--router", action="store_true")
     w.add_argument("--timeout", type=float, default=1800.0)
+    w.add_argument("--api-key-file", help="the fleet's API key (rollout/auth.py), sent as Authorization: Bearer")
     args = ap.parse_args(argv)
     try:
-        wait_for_fleet(args.rollout_dir, args.servers, args.router, args.timeout)
-    except (RuntimeError, TimeoutError) as exc:
+        key = read_key_file(args.api_key_file, "--api-key-file") if args.api_key_file else None
+        wait_for_fleet(args.rollout_dir, args.servers, args.router, args.timeout, api_key=key)
+    except (RuntimeError, TimeoutError, ConfigError) as exc:
         print(f"[fleet] ERROR: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -10,19 +10,30 @@ Debian's slurm-wlm packages are installed with apt-get when ``slurmctld`` is mis
 logged loudly). There is no systemd: every daemon runs in the foreground in its own session and is
 stopped by the PID recorded under ``<prefix>/run`` (also when start fails half-way). Emulated nodes are
 ``node1..nodeN`` on 127.0.0.1 with one slurmd port each; their names go into /etc/hosts with a tag and
-leave again on stop. The cluster uses its own ports (16817+) and its own SLURM_CONF, so a real Slurm
-installation on the same machine is left alone.
+leave again on stop. /etc/hosts is rewritten whole (a temporary file renamed over it, or one in-place
+write of the full text where it is a bind mount and rename fails).
+
+A run killed before stop() (SIGKILL of pytest) leaves daemons, jobs and /etc/hosts lines behind; the
+next start() cleans them: every process this harness starts (daemons, and through sbatch the jobs)
+carries MINPRO_LOCAL_SLURM=<prefix> in its environment, and ``STATE_FILE`` names the running cluster's
+prefix. Under the machine-wide lock, marked processes of another prefix are stale and are stopped,
+unless that cluster was started detached by the CLI (then start() says how to stop it).
+
+The cluster uses its own ports (16817+) and its own SLURM_CONF, so a real Slurm installation on the
+same machine is left alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -32,6 +43,9 @@ from typing import Callable, Sequence
 __all__ = ["LocalCluster", "SlurmUnavailable", "slurm_installed", "install_slurm", "main"]
 
 HOSTS_TAG = "# minpro-local-slurm"
+HOSTS_FILE = Path("/etc/hosts")
+STATE_FILE = Path(os.environ.get("MINPRO_SLURM_STATE", "/tmp/minpro-local-slurm.json"))  # the running cluster
+MARK = "MINPRO_LOCAL_SLURM"  # environment mark of every process the harness starts (value: its prefix)
 DEFAULT_PREFIX = os.environ.get("MINPRO_SLURM_PREFIX", "/tmp/minpro-slurm")
 LOCK_FILE = "/tmp/minpro-local-slurm.lock"  # one local cluster per machine (ports, /etc/hosts)
 PACKAGES = ("slurm-wlm", "munge")
@@ -92,6 +106,86 @@ def _pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _marked(pid: int) -> str | None:
+    """The MINPRO_LOCAL_SLURM prefix in a process's environment, or None (not ours, gone, or unreadable)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(MARK.encode() + b"="):
+            return item.split(b"=", 1)[1].decode(errors="replace")
+    return None
+
+
+def _is_daemon(pid: int, name: str) -> bool:
+    """Whether ``pid`` is still the daemon of pid file ``name`` (slurmd-node1, slurmctld, munged)."""
+    if _marked(pid) is not None:
+        return True
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return False
+    return bool(argv0) and Path(argv0).name in name
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = set(), list(roots)
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
+
+
+def write_hosts(text: str, path: Path = HOSTS_FILE) -> str:
+    """Replace ``path`` with ``text`` whole: a temporary file in the same directory renamed over it, so a
+    reader sees the old or the new file and a kill leaves no half-written one. Where ``path`` is a bind
+    mount (containers), rename fails with EBUSY/EXDEV/EPERM: then one write of the full text in place.
+    Returns "rename" or "in-place"."""
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
+    tmp = path.with_name(f".{path.name}.minpro-{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        return "rename"
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in (errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES, errno.EROFS):
+            raise
+    with open(path, "r+") as f:  # a bind mount: the same inode must be rewritten
+        f.write(text)
+        f.truncate()
+        f.flush()
+        os.fsync(f.fileno())
+    return "in-place"
+
+
 def _port_busy(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -102,7 +196,7 @@ class LocalCluster:
 
     def __init__(self, prefix: str | os.PathLike = DEFAULT_PREFIX, nodes: int = 1, fake_gpus: int = 0,
                  min_job_age: int = 4, base_port: int = 16817, install: bool = True,
-                 log: Callable[[str], None] = _log) -> None:
+                 log: Callable[[str], None] = _log, detached: bool = False) -> None:
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
         self.prefix = Path(prefix).resolve()
@@ -112,6 +206,7 @@ class LocalCluster:
         self.base_port = base_port
         self.install = install
         self.log = log
+        self.detached = detached  # started by the CLI: it outlives the process that started it
         self.conf = self.prefix / "etc" / "slurm.conf"
         self.run_dir = self.prefix / "run"
         self.log_dir = self.prefix / "log"
@@ -125,7 +220,7 @@ class LocalCluster:
 
     def env(self) -> dict[str, str]:
         """Environment for Slurm client commands (and jobs: sbatch exports it) that targets this cluster."""
-        return dict(os.environ, SLURM_CONF=str(self.conf))
+        return dict(os.environ, SLURM_CONF=str(self.conf), **{MARK: str(self.prefix)})
 
     def start(self, lock_timeout: float = 900.0) -> None:
         """Install if needed, configure and start the daemons; on any failure stop what was started."""
@@ -136,7 +231,9 @@ class LocalCluster:
             install_slurm(self.log)
         self._acquire_lock(lock_timeout)
         try:
+            self._clean_stale()  # leftovers of a killed run under another prefix
             self._stop_daemons(quiet=True)  # leftovers of a crashed run under this prefix
+            STATE_FILE.write_text(json.dumps({"prefix": str(self.prefix), "pid": os.getpid(), "detached": self.detached}))
             if _port_busy(self.base_port):
                 raise RuntimeError(f"port {self.base_port} is busy: another local Slurm cluster is running "
                                    f"(stop it: python -m minpro_megatron.slurm.local_cluster stop --prefix ...)")
@@ -159,7 +256,50 @@ class LocalCluster:
     def stop(self, quiet: bool = False) -> None:
         """Cancel jobs, stop every daemon this prefix started (by PID) and remove the /etc/hosts lines."""
         self._stop_daemons(quiet)
+        state = self._state()
+        if state and state.get("prefix") == str(self.prefix):
+            STATE_FILE.unlink(missing_ok=True)
         self._release_lock()
+
+    @staticmethod
+    def _state() -> dict | None:
+        try:
+            state = json.loads(STATE_FILE.read_text())
+        except (OSError, ValueError):
+            return None
+        return state if isinstance(state, dict) else None
+
+    def _clean_stale(self) -> None:
+        """Under the lock: stop what a killed run of another prefix left (daemons, jobs, hosts lines)."""
+        state = self._state()
+        old = state.get("prefix") if state else None
+        if old and old != str(self.prefix):
+            other = LocalCluster(old, log=self.log)
+            alive = [p for p in other.run_dir.glob("*.pid") if p.read_text().strip().isdigit()
+                     and _pid_alive(int(p.read_text()))]
+            if state.get("detached") and alive:
+                raise RuntimeError(f"a local Slurm cluster started by the CLI runs under {old}; stop it first: "
+                                   f"python -m minpro_megatron.slurm.local_cluster stop --prefix {old}")
+            if alive:
+                self.log(f"cleaning up after a run killed without stop(): daemons under {old}")
+                other._stop_daemons(quiet=True)
+        # whatever still carries the mark of another prefix (pid files lost, jobs of dead daemons)
+        # and their children: job steps and what the jobs started (servers holding ports)
+        mine = _ancestors()
+        marked = {pid for pid in (int(d) for d in os.listdir("/proc") if d.isdigit())
+                  if (m := _marked(pid)) is not None and m != str(self.prefix)}
+        stale = sorted((marked | _descendants(marked)) - mine)
+        if stale:
+            self.log(f"stopping {len(stale)} stale process(es) of a killed local cluster: {stale}")
+        for pid in stale:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while any(_pid_alive(p) for p in stale) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._remove_hosts()
 
     def _stop_daemons(self, quiet: bool) -> None:
         if self.conf.exists() and (self.run_dir / "slurmctld.pid").exists():
@@ -317,6 +457,7 @@ class LocalCluster:
         self._add_hosts()
 
     def _add_hosts(self) -> None:
+        self._remove_hosts()  # stale lines of a killed run (maybe with more nodes) first
         missing = []
         for name in self.node_names:
             try:
@@ -324,17 +465,17 @@ class LocalCluster:
             except OSError:
                 missing.append(name)
         if missing:
-            with open("/etc/hosts", "a") as f:
-                f.writelines(f"127.0.0.1 {name} {HOSTS_TAG}\n" for name in missing)
-            self.log(f"/etc/hosts: added {', '.join(missing)} (tagged '{HOSTS_TAG}')")
+            text = HOSTS_FILE.read_text()
+            if text and not text.endswith("\n"):
+                text += "\n"
+            how = write_hosts(text + "".join(f"127.0.0.1 {name} {HOSTS_TAG}\n" for name in missing))
+            self.log(f"/etc/hosts: added {', '.join(missing)} (tagged '{HOSTS_TAG}', {how})")
 
     def _remove_hosts(self) -> None:
-        hosts = Path("/etc/hosts")
-        text = hosts.read_text()
+        text = HOSTS_FILE.read_text()
         kept = [line for line in text.splitlines(keepends=True) if not line.rstrip().endswith(HOSTS_TAG)]
         if len(kept) != len(text.splitlines()):
-            with open(hosts, "w") as f:  # rewrite in place: /etc/hosts may be a bind mount (no rename)
-                f.writelines(kept)
+            write_hosts("".join(kept))
 
     def _start_munge(self) -> None:
         if self._munge_ok():
@@ -370,7 +511,7 @@ class LocalCluster:
                 continue
             pid = int(f.read_text())
             f.unlink()
-            if _pid_alive(pid):
+            if _pid_alive(pid) and _is_daemon(pid, f.stem):  # a recycled PID is someone else's process
                 os.kill(pid, signal.SIGTERM)
                 pids.append((f.stem, pid))
                 if not quiet:
@@ -419,7 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"state/log/pid directory (default {DEFAULT_PREFIX})")
     ap.add_argument("--min-job-age", type=int, default=4)
     args = ap.parse_args(argv)
-    cluster = LocalCluster(args.prefix, nodes=args.nodes, fake_gpus=args.fake_gpus, min_job_age=args.min_job_age)
+    cluster = LocalCluster(args.prefix, nodes=args.nodes, fake_gpus=args.fake_gpus, min_job_age=args.min_job_age,
+                           detached=args.action == "start")
     if args.action == "start":
         cluster.start()
         print(cluster.status()["sinfo"], file=sys.stderr)

@@ -31,6 +31,7 @@ import yaml
 from minpro_megatron.config import ConfigError, RunConfig, load_config, to_dict
 from minpro_megatron.slurm.layout import JobLayout, plan_layout
 from minpro_megatron.slurm.memory import format_memory
+from minpro_megatron.slurm.validate import check_job_fields, check_run_dir, mask_env_lines
 
 __all__ = ["JobFiles", "SweepTask", "build_job", "sweep_tasks", "render", "main", "TEMPLATE_DIR"]
 
@@ -52,12 +53,19 @@ class JobFiles:
     summary: list[str] = field(default_factory=list)
 
     def write(self) -> None:
+        """Scripts 0700, everything else (config.yaml holds slurm.env values) 0600: only the submitting user
+        reads them. Each file is written under a temporary name with its final mode, then renamed."""
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)  # --output needs it before sbatch
         for name, text in self.files.items():
             path = self.run_dir / name
-            path.write_text(text)
-            if name.endswith((".sh", ".sbatch")):
-                path.chmod(0o755)
+            mode = 0o700 if name.endswith((".sh", ".sbatch")) else 0o600
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, mode)  # the umask may have removed bits of ``mode``; never adds any
+            os.replace(tmp, path)
 
 
 def render(template: str, values: dict[str, str]) -> str:
@@ -155,15 +163,28 @@ def _rollout_block(cfg: RunConfig, layout: JobLayout, container: str) -> str:
 # Rollout fleet (rollout.sh): {layout.servers_per_node} SGLang server(s) of TP {layout.rollout_tp} on each of the last {layout.rollout_nodes} node(s){router_note}.
 # The learner gets their URLs as rollout.server_urls once every one answers /health.
 export ROLLOUT_MODEL={_q(cfg.model.hf_path)} ROLLOUT_TP={layout.rollout_tp} SERVERS_PER_NODE={layout.servers_per_node}
-export ROLLOUT_BASE_PORT={r.base_port} SERVER_MODULE={s.rollout_server_module}
-export ROUTER_PORT={r.router_port if router else ""} ROUTER_POLICY={r.router_policy}
+export ROLLOUT_BASE_PORT={r.base_port} SERVER_MODULE={_q(s.rollout_server_module)}
+export ROUTER_PORT={r.router_port if router else ""} ROUTER_POLICY={_q(r.router_policy)}
 ROLLOUT_NODES=$(IFS=,; echo "${{NODES[*]:N_LEARNER}}")
 ROLLOUT_DIR=$RUN_DIR/rollout/$SLURM_JOB_ID
 mkdir -p "$ROLLOUT_DIR"
+# The servers and the router listen on node addresses: a per-job API key (0600; $MINPRO_API_KEY when
+# slurm.env sets it) that every request must carry (rollout/auth.py). rollout.sh passes it on.
+export MINPRO_API_KEY_FILE=$ROLLOUT_DIR/api_key
+rm -f "$MINPRO_API_KEY_FILE" "$MINPRO_API_KEY_FILE.sglang.yaml"
+(
+  umask 077
+  KEY=${{MINPRO_API_KEY:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n')}}
+  [[ $KEY =~ ^[A-Za-z0-9._~+/=-]{{16,512}}$ ]] || {{ echo "MINPRO_API_KEY: 16-512 of [A-Za-z0-9._~+/=-]" >&2; exit 1; }}
+  printf '%s\\n' "$KEY" >"$MINPRO_API_KEY_FILE"
+  printf 'api-key: %s\\n' "$KEY" >"$MINPRO_API_KEY_FILE.sglang.yaml"
+)
+OVERRIDES+=("rollout.api_key_file=$MINPRO_API_KEY_FILE")
 srun --nodes={layout.rollout_nodes} --ntasks={layout.rollout_nodes} --ntasks-per-node=1 --nodelist="$ROLLOUT_NODES" \\
   {_cpus(cfg)}{container} bash "$JOB_FILES/rollout.sh" "$ROLLOUT_DIR" {args} &
 ROLLOUT=$!
-{in_env}"$PYTHON" -m minpro_megatron.slurm.fleet wait "$ROLLOUT_DIR" --servers {layout.num_servers}{" --router" if router else ""} --timeout {r.server_startup_timeout_s:g}
+{in_env}"$PYTHON" -m minpro_megatron.slurm.fleet wait "$ROLLOUT_DIR" --servers {layout.num_servers}{" --router" if router else ""} --timeout {r.server_startup_timeout_s:g} \\
+  --api-key-file "$MINPRO_API_KEY_FILE"
 OVERRIDES+=("rollout.server_urls=[$(paste -sd, "$ROLLOUT_DIR/server_urls.txt")]"){router_url}
 """
 
@@ -194,8 +215,7 @@ def _check_slurm_rules(cfg: RunConfig) -> None:
     if not s.exclusive and not s.cpus_per_node:
         raise ConfigError("slurm.exclusive=false needs slurm.cpus_per_node (CPUs per node for the launcher); "
                           "otherwise each node's torchrun would get a single core")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.job_name):
-        raise ConfigError(f"slurm.job_name={s.job_name!r} may only hold letters, digits, '_', '.', '-'")
+    check_job_fields(cfg)  # every value written unquoted into the job files
 
 
 def build_job(cfg: RunConfig, run_dir: Path, command: str, tasks: list[SweepTask] | None = None) -> JobFiles:
@@ -204,6 +224,7 @@ def build_job(cfg: RunConfig, run_dir: Path, command: str, tasks: list[SweepTask
     layout = plan_layout(cfg)
     s = cfg.slurm
     run_dir = run_dir.resolve()
+    check_run_dir(str(run_dir))
     container = ' "${CONTAINER[@]}"' if s.container_image else ""
     program = PROGRAMS[s.program] + list(s.program_args)
     title = (f"Sweep of {len(tasks)} runs" if tasks else "Training run") + f" '{s.job_name}' ({s.program})"
@@ -250,7 +271,7 @@ def build_job(cfg: RunConfig, run_dir: Path, command: str, tasks: list[SweepTask
     files["learner.sh"] = _template("learner.sh")
     if layout.rollout_nodes:
         files["rollout.sh"] = _template("rollout.sh")
-    files["config.yaml"] = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    files["config.yaml"] = yaml.safe_dump(to_dict(cfg), sort_keys=False)  # the job needs the real env values
     summary += format_memory(cfg, layout.world_size)
     return JobFiles(run_dir=run_dir, layout=layout, files=files, summary=summary)
 
@@ -367,11 +388,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  [{i}] {t.name}: {' '.join(t.overrides)}")
     print(f"run dir: {job.run_dir}")
     if args.dry_run:
-        print("---- job.sbatch ----")
-        print(job.files["job.sbatch"], end="")
+        print("---- job.sbatch ----")  # secret-looking slurm.env values (*KEY*, *TOKEN*, ...) as '***'
+        print(mask_env_lines(job.files["job.sbatch"], cfg.slurm.env), end="")
         if tasks:
             print("---- collect.sbatch ----")
-            print(job.files["collect.sbatch"], end="")
+            print(mask_env_lines(job.files["collect.sbatch"], cfg.slurm.env), end="")
         print("dry run: nothing written or submitted")
         return 0
 

@@ -71,6 +71,7 @@ class WeightSync:
         pause_mode: Literal["abort", "retract", "in_place"] = "abort",
         probe: LogprobProbe | None = None,
         control_timeout_s: float = 300.0,
+        api_key: str | None = None,
     ):
         if pause_mode == "in_place" and transport.needs_session:
             # in_place keeps KV of running requests: flush_cache then fails, and stale KV would mix versions
@@ -79,6 +80,7 @@ class WeightSync:
         self.pause_mode = pause_mode
         self.probe = probe
         self.control_timeout_s = control_timeout_s
+        self.api_key = api_key
         self.history: list[SyncResult] = []
         self.set_servers(server_urls)
 
@@ -86,7 +88,7 @@ class WeightSync:
         """The servers to update from now on (the transport rebuilds its group on the next sync)."""
         if not server_urls:
             raise ValueError("WeightSync needs at least one server URL (send control calls to servers, not the router)")
-        self.servers = [ServerControl(u, timeout_s=self.control_timeout_s) for u in server_urls]
+        self.servers = [ServerControl(u, timeout_s=self.control_timeout_s, api_key=self.api_key) for u in server_urls]
 
     def sync(self, buckets: Iterable[Bucket], step: int, reference: LogprobReference | None = None) -> SyncResult:
         """Push ``buckets`` (an iterator of [(hf_name, tensor), ...]) as weights of learner ``step``."""
@@ -141,7 +143,7 @@ class WeightSync:
             phases=phases,
         )
         if self.probe is not None and reference is not None:
-            result.probe = self.probe.run(result.servers, reference, raise_on_fail=False)
+            result.probe = self.probe.run(result.servers, reference, raise_on_fail=False, api_key=self.api_key)
         self.history.append(result)
         log.info(
             "weight sync step %d via %s: %.1f MB in %.3f s (transfer %.3f s) to %d servers%s",

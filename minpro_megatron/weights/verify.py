@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 import requests
 import torch
 
+from minpro_megatron.rollout.auth import bearer
+
 __all__ = ["LogprobReference", "ProbeResult", "LogprobProbe", "WeightVerificationError", "hf_logprob_reference", "server_probe_logprobs"]
 
 # tokens -> log p(tokens[t] | tokens[:t]) for t = 1 .. len(tokens)-1
@@ -48,7 +50,7 @@ class ProbeResult:
 
 
 def server_probe_logprobs(
-    url: str, prompt_ids: Sequence[int], max_new_tokens: int, timeout_s: float = 120.0
+    url: str, prompt_ids: Sequence[int], max_new_tokens: int, timeout_s: float = 120.0, api_key: str | None = None
 ) -> tuple[list[int], list[float]]:
     """Greedy generation from ``prompt_ids``; returns (all tokens, log-probs of tokens[1:])."""
     body = {
@@ -59,7 +61,7 @@ def server_probe_logprobs(
     }
     with requests.Session() as http:
         http.trust_env = False
-        r = http.post(f"{url.rstrip('/')}/generate", json=body, timeout=timeout_s)
+        r = http.post(f"{url.rstrip('/')}/generate", json=body, timeout=timeout_s, headers=bearer(api_key))
     if r.status_code != 200:
         raise WeightVerificationError(f"probe on {url}: HTTP {r.status_code}: {r.text[:300]}")
     meta = r.json().get("meta_info", {})
@@ -84,11 +86,13 @@ class LogprobProbe:
         self.max_new_tokens = max_new_tokens
         self.threshold = threshold
 
-    def run(self, server_urls: Sequence[str], reference: LogprobReference, raise_on_fail: bool = True) -> ProbeResult:
+    def run(
+        self, server_urls: Sequence[str], reference: LogprobReference, raise_on_fail: bool = True, api_key: str | None = None
+    ) -> ProbeResult:
         """Probe every server; with raise_on_fail, WeightVerificationError when the threshold is exceeded."""
         result = ProbeResult(max_abs_diff=0.0, threshold=self.threshold)
         for url in server_urls:
-            tokens, got = server_probe_logprobs(url, self.prompt_ids, self.max_new_tokens)
+            tokens, got = server_probe_logprobs(url, self.prompt_ids, self.max_new_tokens, api_key=api_key)
             want = list(reference(tokens))
             if len(want) != len(got):
                 raise ValueError(f"reference returned {len(want)} log-probs for {len(tokens)} tokens; expected {len(got)}")

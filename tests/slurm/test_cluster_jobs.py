@@ -86,6 +86,13 @@ def test_rollout_fleet_router_and_learner(slurm_env, tmp_path):
     assert "rollout.server_urls=[http://127.0.0.1:31700,http://127.0.0.1:31701]" in report["overrides"]
     assert "rollout.router_url=http://127.0.0.1:31790" in report["overrides"]
     assert "[fleet] router healthy" in log
+    # issue 12 item 13: a per-job key (0600) that the servers demand and the learner sends
+    assert (fleet_dir / "api_key").stat().st_mode & 0o777 == 0o600
+    for i in (0, 1):
+        assert "'api_key_required': True" in (fleet_dir / f"server-node2-{i}.log").read_text()
+    assert all(s.get("authenticated") for s in report["rollout_servers"]), report["rollout_servers"]
+    assert f"rollout.api_key_file={fleet_dir / 'api_key'}" in report["overrides"]
+    assert (fleet_dir / "api_key").read_text().strip() not in log
 
 
 def test_sweep_array_then_collector(slurm_env, tmp_path):
