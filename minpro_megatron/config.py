@@ -210,7 +210,8 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    task: Literal["arithmetic", "sorting", "jsonl"] = "arithmetic"
+    task: Literal["arithmetic", "sorting", "reverse", "jsonl"] = "arithmetic"
+    task_length: int | None = None  # digits per problem of sorting / reverse (None: 5 / 32)
     train_path: str | None = None
     eval_path: str | None = None
     prompt_key: str = "prompt"

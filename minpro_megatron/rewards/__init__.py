@@ -1,6 +1,6 @@
 """Verifiable rewards, chosen by each problem's ``data_source``.
 
-- arithmetic / sorting: exact match of the response (up to the first EOS / whitespace) with the answer.
+- arithmetic / sorting / reverse: exact match of the response (up to the first EOS / whitespace) with the answer.
 - math (default for files): math-verify's parse + verify of the final answer (the last \\boxed{...}, or
   the whole response); with ``strict_format`` a response without \\boxed{} scores 0.
 Rewards are 1.0 for correct, 0.0 otherwise.
@@ -51,6 +51,6 @@ _WS = re.compile(r"\s+")
 
 
 def reward(data_source: str, response: str, answer: str, strict_format: bool = False) -> float:
-    if data_source in ("arithmetic", "sorting"):
+    if data_source in ("arithmetic", "sorting", "reverse"):
         return exact_match(_WS.sub("", response), answer)
     return math_reward(response, answer, strict_format)
