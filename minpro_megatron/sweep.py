@@ -386,7 +386,11 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def is_done(run_dir: Path) -> bool:
-    return (run_dir / DONE_MARKER).is_file()
+    """The cell's completion marker exists; a run directory of an older sweep (no cell.json, finished when
+    it wrote summary.md) also counts, so upgrading never deletes finished runs."""
+    if (run_dir / DONE_MARKER).is_file():
+        return True
+    return not (run_dir / CELL_FILE).exists() and (run_dir / "summary.md").is_file()
 
 
 def cell_checkpoint_dir(config: str, overrides: Sequence[str], cell: Cell, checkpoint_root: Path | None) -> Path | None:

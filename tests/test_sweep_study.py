@@ -192,3 +192,16 @@ def test_collect_writes_the_results_block_of_the_doc(tmp_path) -> None:
     doc.write_text("no markers")
     with pytest.raises(ValueError, match="no results block"):
         main(["collect", str(runs), "--doc", str(doc)])
+
+
+def test_completion_is_the_marker_and_older_sweeps_finished_runs_count(tmp_path) -> None:
+    from minpro_megatron.sweep import is_done
+
+    d = tmp_path / "cell"
+    d.mkdir()
+    (d / "summary.md").write_text("t")
+    assert is_done(d)  # an older sweep's finished run (no cell.json): never deleted and redone
+    (d / "cell.json").write_text("{}")
+    assert not is_done(d)  # this sweep's cell: killed after the summary, before the marker
+    (d / DONE_MARKER).write_text("{}")
+    assert is_done(d)
