@@ -33,7 +33,6 @@ from typing import Sequence
 import yaml
 
 from minpro_megatron.config import ConfigError, load_config
-
 from minpro_megatron.logging.report import plot_runs, read_scalars, write_csv, write_markdown_table
 
 __all__ = ["main", "collect", "run_local", "load_grid", "run_stats", "Cell", "SWEEP_PLOT_TAGS"]
@@ -179,11 +178,12 @@ def collect(runs_dir: str | Path, out_dir: str | Path | None = None,
             row[col] = statistics.fmean(fin) if fin else math.nan
             row[f"{col}_std"] = statistics.stdev(fin) if len(fin) > 1 else 0.0
             md[col] = _pm(row[col], row[f"{col}_std"], len(fin))  # type: ignore[arg-type]
-        for col, tag in TABLE_TAGS.items():
+        for col, tag in TABLE_TAGS.items():  # last-5-point means; "_last5" where a study column has the name
+            key = f"{col}_last5" if col in STUDY_COLUMNS else col
             vals = [_last(r["scalars"].get(tag, [])) for r in runs]
             vals = [v for v in vals if not math.isnan(v)]
-            row[col] = statistics.fmean(vals) if vals else math.nan
-            row[f"{col}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row[key] = statistics.fmean(vals) if vals else math.nan
+            row[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         peak = [max((v for _, v in r["scalars"].get("rollout/reward_mean", [])), default=math.nan) for r in runs]
         row["reward_peak"] = statistics.fmean(peak) if peak else math.nan
         rows.append(row)

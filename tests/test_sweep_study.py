@@ -81,7 +81,7 @@ def _write_run(root: Path, name: str, group: str, method: str, n: int, seed: int
     for s, v in evals:
         rows.append({"step": s, "eval/accuracy": v})
     for i, r in enumerate(rewards, start=1):
-        rows.append({"step": i, "rollout/reward_mean": r, "loss/kl_k3": kl, "loss/clip_frac_high": 0.1, "loss/clip_frac_low": 0.0,
+        rows.append({"step": i, "rollout/reward_mean": r, "loss/kl_k3": kl * i, "loss/clip_frac_high": 0.1, "loss/clip_frac_low": 0.0,
                      "loss/rho_min_mean": 0.9, "loss/rho_min_p10": 0.8, "loss/rho_min_min": 0.1 * i, "loss/entropy": 1.0,
                      "optim/grad_norm": 1.0})
     (d / "tb" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -102,7 +102,7 @@ def test_collect_study_table_from_metrics_jsonl_only(tmp_path) -> None:
     runs = tmp_path / "runs"
     _write_run(runs, "core-minpro-n4-s1", "core", "minpro", 4, 1, [(0, 0.5), (10, 0.7), (20, 0.6)], [0.2, 0.4], 0.01)
     _write_run(runs, "core-minpro-n4-s2", "core", "minpro", 4, 2, [(0, 0.5), (10, 0.5), (20, 0.8)], [0.4, 0.6], 0.03)
-    _write_run(runs, "upb4-minpro-n4-s1", "upb4", "minpro", 4, 1, [(0, 0.5), (20, 0.2)], [0.1, 0.1], 0.2)
+    _write_run(runs, "upb4-minpro-n4-s1", "upb4", "minpro", 4, 1, [(0, 0.5), (20, 0.2)], [0.1] * 7, 0.2)
     _write_run(runs, "core-grpo-n4-s1", "core", "grpo", 4, 1, [(0, 0.5), (10, 0.9)], [0.9], 0.0, done=False)
     cells = [c for c in load_grid(GRID) if c.name in {"core-minpro-n4-s1", "core-minpro-n4-s2", "upb4-minpro-n4-s1", "core-grpo-n4-s1"}]
     table, plots = collect(runs, tmp_path, cells)
@@ -112,8 +112,11 @@ def test_collect_study_table_from_metrics_jsonl_only(tmp_path) -> None:
     assert core["seeds"] == "2" and float(core["acc_final"]) == pytest.approx(0.7)
     assert float(core["acc_final_std"]) == pytest.approx(math.sqrt(0.02))
     assert float(core["acc_best"]) == pytest.approx(0.75) and float(core["reward_auc"]) == pytest.approx(0.4)
-    assert float(core["kl_k3"]) == pytest.approx(0.02) and float(core["rho_min_min"]) == pytest.approx(0.1)
-    assert float(rows[("upb4", "minpro")]["collapsed"]) == 1.0
+    assert float(core["kl_k3"]) == pytest.approx(0.03) and float(core["rho_min_min"]) == pytest.approx(0.1)  # kl 1.5 x
+    upb4 = rows[("upb4", "minpro")]
+    assert float(upb4["collapsed"]) == 1.0
+    # the study's KL is the mean over all RL steps (0.2 x mean(1..7)); the legacy column the last 5 points
+    assert float(upb4["kl_k3"]) == pytest.approx(0.8) and float(upb4["kl_k3_last5"]) == pytest.approx(1.0)
     text = table.read_text()
     assert "| method | staleness | group | seeds |" in text and "| minpro | 4 | core | 1,2 | 0.5 ± 0 | 0.7 ± 0.14 |" in text
     assert "3 of 4 cells finished; 1 pending" in text  # done-marker-less cells count as pending
