@@ -81,6 +81,7 @@ def _run_info(run_dir: Path) -> dict | None:
         return None  # a sweep cell still running or interrupted: not a result yet
     cfg = yaml.safe_load(cfg_file.read_text())
     cell = json.loads((run_dir / CELL_FILE).read_text()) if (run_dir / CELL_FILE).is_file() else {}
+    done = json.loads((run_dir / DONE_MARKER).read_text()) if (run_dir / DONE_MARKER).is_file() else {}
     method = cell.get("method") or (
         cfg["loss"]["name"] + ("" if cfg["loss"].get("prefix_stat", "min") == "min" or cfg["loss"]["name"] != "minpro"
                                else f"-{cfg['loss']['prefix_stat']}"))
@@ -90,6 +91,8 @@ def _run_info(run_dir: Path) -> dict | None:
         "staleness": int(cfg["rollout"]["staleness"]["n"]),
         "seed": int(cfg["train"]["seed"]),
         "name": run_dir.name,
+        "wall_s": float(done.get("wall_s", math.nan)),
+        "load_1min": float(done.get("loadavg_start", [math.nan])[0]),
         "scalars": read_run_scalars(run_dir),
     }
 
@@ -197,7 +200,8 @@ def collect(runs_dir: str | Path, out_dir: str | Path | None = None,
     table.write_text(text)
     write_csv(rows, out / "sweep_table.csv")
     write_csv([{"name": i["name"], "group": i["group"], "method": i["method"], "staleness": i["staleness"],
-                "seed": i["seed"], **i["stats"]} for i in sorted(infos, key=lambda i: i["name"])], out / "sweep_runs.csv")
+                "seed": i["seed"], **i["stats"], "wall_s": i["wall_s"], "load_1min_at_start": i["load_1min"]}
+               for i in sorted(infos, key=lambda i: i["name"])], out / "sweep_runs.csv")
     plots = []
     for tag in SWEEP_PLOT_TAGS:
         series = {_label(k): _seed_mean(r["scalars"].get(tag, []) for r in cells[k]) for k in order}

@@ -76,7 +76,7 @@ def _write_run(root: Path, name: str, group: str, method: str, n: int, seed: int
     (d / "config.yaml").write_text(json.dumps({"loss": {"name": method}, "rollout": {"staleness": {"n": n}}, "train": {"seed": seed}}))
     (d / "cell.json").write_text(json.dumps({"name": name, "group": group, "method": method}))
     if done:
-        (d / DONE_MARKER).write_text("{}")
+        (d / DONE_MARKER).write_text(json.dumps({"exit_code": 0, "wall_s": 200.5, "loadavg_start": [3.5, 2.0, 1.0]}))
     rows = [{"step": s, "warm_start/nll": 1.0} for s in (0, 10)]  # the warm start shares the step axis
     for s, v in evals:
         rows.append({"step": s, "eval/accuracy": v})
@@ -123,6 +123,7 @@ def test_collect_study_table_from_metrics_jsonl_only(tmp_path) -> None:
     assert (tmp_path / "sweep_pending.txt").read_text().split() == ["core-grpo-n4-s1"]
     per_run = list(csv.DictReader(open(tmp_path / "sweep_runs.csv")))
     assert [r["name"] for r in per_run] == ["core-minpro-n4-s1", "core-minpro-n4-s2", "upb4-minpro-n4-s1"]
+    assert float(per_run[0]["wall_s"]) == 200.5 and float(per_run[0]["load_1min_at_start"]) == 3.5
     for p in plots:
         assert p.stat().st_size > 5000
 
