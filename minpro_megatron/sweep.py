@@ -33,7 +33,7 @@ from typing import Sequence
 import yaml
 
 from minpro_megatron.config import ConfigError, load_config
-from minpro_megatron.logging.report import plot_runs, read_scalars, write_csv, write_markdown_table
+from minpro_megatron.logging.report import read_scalars, write_csv, write_markdown_table
 
 __all__ = ["main", "collect", "run_local", "load_grid", "run_stats", "Cell", "SWEEP_PLOT_TAGS"]
 
@@ -202,13 +202,7 @@ def collect(runs_dir: str | Path, out_dir: str | Path | None = None,
     write_csv([{"name": i["name"], "group": i["group"], "method": i["method"], "staleness": i["staleness"],
                 "seed": i["seed"], **i["stats"], "wall_s": i["wall_s"], "load_1min_at_start": i["load_1min"]}
                for i in sorted(infos, key=lambda i: i["name"])], out / "sweep_runs.csv")
-    plots = []
-    for tag in SWEEP_PLOT_TAGS:
-        series = {_label(k): _seed_mean(r["scalars"].get(tag, []) for r in cells[k]) for k in order}
-        path = out / f"sweep_{tag.replace('/', '_')}.png"
-        plot_runs({label: {tag: pts} for label, pts in series.items()}, [tag], path,
-                  title=f"{tag} by method and staleness n (seed means)", smooth=3)
-        plots.append(path)
+    plots = [_plot_by_staleness(cells, order, tag, out / f"sweep_{tag.replace('/', '_')}.png") for tag in SWEEP_PLOT_TAGS]
     plots.append(_plot_vs_staleness(rows, out / "sweep_accuracy_vs_staleness.png"))
     return table, plots
 
@@ -238,9 +232,40 @@ def _seed_mean(series) -> list[tuple[int, float]]:
     return [(s, statistics.fmean(v)) for s, v in sorted(by_step.items())]
 
 
-def _label(key: tuple[str, str, int]) -> str:
-    group, method, n = key
-    return f"{group + ':' if group else ''}{method} n={n}"
+def _plot_by_staleness(cells: dict[tuple[str, str, int], list[dict]], order: Sequence[tuple[str, str, int]], tag: str,
+                       path: Path) -> Path:
+    """One panel per staleness n, one line per (group, method): the seed mean of ``tag`` over steps
+    (dense series smoothed over 3 points, sparse ones such as evaluations drawn as they are)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = sorted({k[2] for k in order})
+    labels = sorted({(k[0], k[1]) for k in order})
+    colors = {lab: plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")(i) for i, lab in enumerate(labels)}
+    fig, axes = plt.subplots(1, len(ns), figsize=(3.4 * len(ns), 2.9), squeeze=False, sharey=True)
+    for ax, n in zip(axes.flat, ns):
+        for key in [k for k in order if k[2] == n]:
+            pts = _seed_mean(r["scalars"].get(tag, []) for r in cells[key])
+            if not pts:
+                continue
+            vals = [v for _, v in pts]
+            if len(vals) > 12:
+                vals = [statistics.fmean(vals[max(0, i - 2): i + 1]) for i in range(len(vals))]
+            group, method = key[0], key[1]
+            ax.plot([s for s, _ in pts], vals, lw=1.3, color=colors[(group, method)],
+                    label=f"{group + ':' if group else ''}{method} ({len(cells[key])} seeds)")
+        ax.set_title(f"n = {n}", fontsize=9)
+        ax.set_xlabel("RL step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="best")
+    axes.flat[0].set_ylabel(tag, fontsize=8)
+    fig.suptitle(f"{tag} (seed means) by staleness n", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _plot_vs_staleness(rows: Sequence[dict], path: Path) -> Path:
