@@ -223,8 +223,9 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    # arithmetic / sorting: generated tasks; jsonl: prompt files (docs/data.md)
-    task: Literal["arithmetic", "sorting", "jsonl"] = "arithmetic"
+    # arithmetic / sorting / reverse: generated tasks; jsonl: prompt files (docs/data.md)
+    task: Literal["arithmetic", "sorting", "reverse", "jsonl"] = "arithmetic"
+    task_length: int | None = None  # digits per problem of sorting / reverse (None: 5 / 32)
     train_path: str | None = None  # training prompts (.jsonl / .parquet) for task=jsonl
     eval_path: str | None = None  # held-out prompts for greedy evaluation (optional)
     prompt_key: str = "prompt"  # column holding the prompt (text or chat messages)

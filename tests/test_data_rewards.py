@@ -103,3 +103,29 @@ def test_prompt_encoding_with_and_without_chat_template() -> None:
     assert tok.decode(ids) == "x=12+3,a="
     msgs = json.dumps([{"role": "system", "content": "x"}, {"role": "user", "content": "1+1"}])
     assert tok.decode(encode_prompt(tok, msgs, chat_template=True)) == "z=x,x=1+1,a="
+
+
+def test_reverse_task_long_answers_and_exact_rewards() -> None:
+    """The staleness study's task: 32-digit strings reversed, so every answer is 33 generated tokens (digits +
+    EOS); exact-match rewards accept only the full reversed string."""
+    from minpro_megatron.models.tiny_hf import build_char_tokenizer
+
+    train, evals = task_split("reverse", num_eval=50, seed=4, length=32)
+    assert len(evals) == 50 and not {p.prompt for p in train} & {p.prompt for p in evals}
+    tok = build_char_tokenizer()
+    for p in evals[:10]:
+        digits = p.prompt[:-1]
+        assert p.prompt.endswith("=") and len(digits) == 32 and digits.isdigit() and p.answer == digits[::-1]
+        assert len(tok.encode(p.answer, add_special_tokens=False)) + 1 >= 33  # + EOS
+        assert reward("reverse", p.answer, p.answer) == 1.0
+        assert reward("reverse", " " + p.answer + " ", p.answer) == 1.0  # whitespace is not an answer
+        wrong_digit = p.answer[:-1] + str((int(p.answer[-1]) + 1) % 10)
+        for bad in (digits if digits != p.answer else digits + "0", p.answer[:-1], p.answer + "0", wrong_digit, ""):
+            assert reward("reverse", bad, p.answer) == 0.0, bad
+    assert task_split("reverse", num_eval=50, seed=4, length=32) == (train, evals)  # seeded
+    s_train, _ = task_split("sorting", num_eval=10, seed=0, length=32)
+    assert all(p.answer == "".join(sorted(p.prompt[:-1].split(","))) and len(p.answer) == 32 for p in s_train[:20])
+    with pytest.raises(ValueError, match="data.task_length"):
+        task_split("reverse", num_eval=5, seed=0, length=0)
+    with pytest.raises(ValueError, match="reverse"):
+        task_split("nope", num_eval=5, seed=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from minpro_megatron.config_base import UserError
-from minpro_megatron.data.tasks import Problem, task_split
+from minpro_megatron.data.tasks import SYNTHETIC_TASKS, Problem, task_split
 
 __all__ = ["DatasetError", "load_problems", "PromptStream", "load_dataset_pair"]
 
@@ -84,8 +84,8 @@ def _row(path: Path, where: str, row: Any, prompt_key: str, answer_key: str, sou
 
 def load_dataset_pair(data_cfg: Any, seed: int) -> tuple[list[Problem], list[Problem]]:
     """(train, eval) problems for a DataConfig: a synthetic task, or files."""
-    if data_cfg.task in ("arithmetic", "sorting"):
-        return task_split(data_cfg.task, data_cfg.num_eval, seed)
+    if data_cfg.task in SYNTHETIC_TASKS:
+        return task_split(data_cfg.task, data_cfg.num_eval, seed, length=getattr(data_cfg, "task_length", None))
     if not data_cfg.train_path:
         raise DatasetError("data.task=jsonl needs data.train_path (a .jsonl or .parquet file)")
     train = load_problems(data_cfg.train_path, data_cfg.prompt_key, data_cfg.answer_key)

@@ -28,7 +28,8 @@ class LossConfig:
     name: which loss. aggregation: token-mean over the global batch (default), seq-mean-token-mean or
     seq-mean-token-sum (means over sequences of the global batch).
     eps_low / eps_high: clip range [1 - eps_low, 1 + eps_high]; None takes the loss's default (DEFAULT_CLIP).
-    dual_clip: GRPO dual-clip constant c > 1 (None = off). kl_coef: weight of the k3 KL to a reference
+    dual_clip: GRPO dual-clip constant c > 1 (None = off). log_ratio_clamp: GRPO clamps log r to [-c, c]
+    before exp (None = off; verl clamps at 20 so exp never overflows). kl_coef: weight of the k3 KL to a reference
     policy (needs ref_logp). m2po_tau: M2PO second-moment threshold.
     prefix_stat / prefix_inclusive / prefix_first_value / prefix_cap_at_one: MinPRO's prefix statistic,
     whether it includes the current token (then it is the weight itself), its value on the first
@@ -42,6 +43,7 @@ class LossConfig:
     eps_low: float | None = None  # clip range low side: r >= 1 - eps_low; None: the loss's default (DEFAULT_CLIP)
     eps_high: float | None = None  # clip range high side: r <= 1 + eps_high; None: the loss's default
     dual_clip: float | None = None  # GRPO dual-clip constant c > 1; None: off
+    log_ratio_clamp: float | None = None  # GRPO: clamp log r to +-this before exp (verl uses 20); None: off
     kl_coef: float = 0.0  # GRPO: weight of the k3 KL to a reference policy
     m2po_tau: float = 0.04  # M2PO second-moment threshold
     prefix_stat: PrefixStat = "min"  # MinPRO prefix statistic (prod: exact prefix ratio; none: CISPO)
@@ -62,6 +64,9 @@ class LossConfig:
             raise ConfigError(f"loss.eps_low / loss.eps_high must be >= 0, got {lo} / {hi}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ConfigError(f"loss.dual_clip must be > 1 (e.g. 3.0) or null, got {self.dual_clip}")
+        if self.log_ratio_clamp is not None and (self.log_ratio_clamp <= 0 or self.name != "grpo"):
+            raise ConfigError(f"loss.log_ratio_clamp must be > 0 (verl uses 20.0) and is only used by grpo; got "
+                              f"{self.log_ratio_clamp} with loss.name={self.name!r}")
         if self.kl_coef < 0:
             raise ConfigError(f"loss.kl_coef must be >= 0, got {self.kl_coef}")
         if self.m2po_tau <= 0:

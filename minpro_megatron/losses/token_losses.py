@@ -19,7 +19,8 @@ __all__ = ["GRPOLoss", "CISPOLoss", "M2POLoss", "m2po_keep_mask"]
 
 class GRPOLoss:
     """PPO-clip per token: max(-A r, -A clip(r, 1-eps_low, 1+eps_high)), DAPO clip-higher by default;
-    dual-clip bounds the loss of negative-advantage tokens by -c A; optional k3 KL to a reference policy
+    dual-clip bounds the loss of negative-advantage tokens by -c A; log_ratio_clamp bounds log r before exp
+    (as verl does); optional k3 KL to a reference policy
     (kl_coef * (exp(ref - logp) - (ref - logp) - 1), gradient through logp)."""
 
     name = "grpo"
@@ -33,7 +34,8 @@ class GRPOLoss:
     def loss(self, ctx: LossContext) -> torch.Tensor:
         x, cfg, bag = ctx.inputs, ctx.cfg, ctx.bag
         eps_low, eps_high = cfg.clip_range()
-        ratio = torch.exp(x.log_ratio)
+        log_ratio = x.log_ratio if cfg.log_ratio_clamp is None else x.log_ratio.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+        ratio = torch.exp(log_ratio)
         adv = x.advantages
         unclipped = -adv * ratio
         clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)

@@ -1,6 +1,6 @@
 """Verifiable rewards, chosen by each problem's ``data_source`` through a registry.
 
-- arithmetic / sorting: exact match of the response (whitespace removed) with the answer.
+- arithmetic / sorting / reverse: exact match of the response (whitespace removed) with the answer.
 - math, and any data_source nobody registered: math-verify's parse + verify of the final answer (the last
   \\boxed{...}, or the whole response); with ``strict_format`` a response without \\boxed{} scores 0.
 Rewards are 1.0 for correct, 0.0 otherwise (a registered function may return any float).
@@ -66,6 +66,7 @@ def _exact_no_ws(response: str, answer: str, strict_format: bool = False) -> flo
 _REGISTRY: dict[str, tuple[RewardFn, str]] = {
     "arithmetic": (_exact_no_ws, "exact-match"),
     "sorting": (_exact_no_ws, "exact-match"),
+    "reverse": (_exact_no_ws, "exact-match"),
     "math": (math_reward, DEFAULT_GRADER),
 }
 

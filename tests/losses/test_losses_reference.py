@@ -149,3 +149,25 @@ def test_config_validation_names_the_field() -> None:
         LossConfig(name="m2po", m2po_tau=0).validate()
     with pytest.raises(ConfigError, match="loss.kl_coef"):
         LossConfig(name="minpro", kl_coef=0.1).validate()
+
+
+def test_grpo_log_ratio_clamp_bounds_the_ratio_like_verl() -> None:
+    """verl clamps log r to [-20, 20] before exp: a token with log r = 30 and A < 0 then weighs e^20, not e^30;
+    ordinary ratios are untouched (clamp 20 equals no clamp on them)."""
+    seq = {"logp": torch.tensor([0.0, -1.0], dtype=torch.float64), "old_logp": torch.tensor([-30.0, -1.1], dtype=torch.float64),
+           "adv": torch.tensor([-1.0, -1.0], dtype=torch.float64), "mask": torch.tensor([True, True])}
+    p = pack([seq])
+    free, _ = policy_loss(p.logp, p.old_logp, p.adv, p.mask, p.layout, LossConfig(name="grpo"))
+    clamped, _ = policy_loss(p.logp, p.old_logp, p.adv, p.mask, p.layout, LossConfig(name="grpo", log_ratio_clamp=20.0))
+    second = math.exp(0.1)  # -A * r of the ordinary token (r = e^0.1, above the clip: max keeps the unclipped)
+    assert float(free) == pytest.approx((math.exp(30.0) + second) / 2, rel=1e-9)
+    assert float(clamped) == pytest.approx((math.exp(20.0) + second) / 2, rel=1e-9)
+    seqs = random_sequences(7)
+    q = pack(seqs)
+    a, _ = policy_loss(q.logp, q.old_logp, q.adv, q.mask, q.layout, LossConfig(name="grpo"))
+    b, _ = policy_loss(q.logp, q.old_logp, q.adv, q.mask, q.layout, LossConfig(name="grpo", log_ratio_clamp=20.0))
+    assert float(a) == float(b)
+    from minpro_megatron.config_base import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.log_ratio_clamp"):
+        LossConfig(name="cispo", log_ratio_clamp=20.0).validate()
