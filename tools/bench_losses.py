@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench_common import quiet_native_stderr, report
 from minpro_megatron.losses import LossConfig, policy_loss
 from minpro_megatron.parallel.cp_layout import ZigzagLayout
 from minpro_megatron.parallel.cp_scan import comm_bytes_per_call
@@ -75,7 +76,7 @@ def time_ms(batch: Batch, cfg: LossConfig, repeats: int) -> float:
 
 
 def peak_bytes(batch: Batch, cfg: LossConfig) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run_once(batch, cfg)
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
     current = peak = 0
@@ -118,6 +119,14 @@ def main() -> None:
     print("|---:|---|:---:|---:|---:|---:|---:|---:|")
     for tokens, label, diag, t, m, rt, rm in rows:
         print(f"| {tokens} | {label} | {'on' if diag else 'off'} | {t:.2f} | {rt:.2f} | {m / 2**20:.1f} | {rm:.2f} | {m / tokens:.0f} |")
+
+    print()
+    for tokens, label, diag, t, m, rt, rm in rows:
+        if label == "minpro (min, exclusive)":
+            setting = f"{tokens // 1024}k tokens, diagnostics {'on (default)' if diag else 'off'}"
+            met = rt <= 1.05 if diag else None  # with diagnostics off CISPO runs no scan: context, no target
+            report("bench_losses", setting, f"minpro / cispo time {rt:.2f}x, memory {rm:.2f}x ({m / tokens:.0f} B/token)",
+                   "<= 1.05x time" if diag else "", met)
 
     print("\n## CP scan communication per loss call (one all_gather of chunk summaries), this rank's receive bytes\n")
     print("| tokens | sequences | cp | minpro scan bytes | all-gather of log-probs bytes | ratio |")
