@@ -65,14 +65,18 @@ def run_once(batch: Batch, cfg: LossConfig) -> None:
     loss.backward()
 
 
-def time_ms(batch: Batch, cfg: LossConfig, repeats: int) -> float:
-    run_once(batch, cfg)  # warm-up
-    samples = []
+def interleaved_ms(batch: Batch, cfgs: list[LossConfig], repeats: int) -> list[float]:
+    """Median ms of each config, timed round-robin (one call of each per round) so that the load of a
+    shared host falls on every config alike and the ratios stay side by side."""
+    for cfg in cfgs:
+        run_once(batch, cfg)  # warm-up
+    samples: list[list[float]] = [[] for _ in cfgs]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run_once(batch, cfg)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+        for i, cfg in enumerate(cfgs):
+            t0 = time.perf_counter()
+            run_once(batch, cfg)
+            samples[i].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(s) for s in samples]
 
 
 def peak_bytes(batch: Batch, cfg: LossConfig) -> int:
@@ -98,15 +102,10 @@ def main() -> None:
     rows = []
     for tokens in args.tokens:
         batch = make_batch(tokens)
-        base_t = base_m = None
-        for label, cfg in VARIANTS:
-            for diag in (True, False):
-                c = LossConfig(**{**vars(cfg), "prefix_diagnostics": diag})
-                t = time_ms(batch, c, args.repeats)
-                m = peak_bytes(batch, c)
-                if label == "cispo" and diag:
-                    base_t, base_m = t, m
-                rows.append((tokens, label, diag, t, m))
+        configs = [(label, diag, LossConfig(**{**vars(cfg), "prefix_diagnostics": diag})) for label, cfg in VARIANTS for diag in (True, False)]
+        times = interleaved_ms(batch, [c for _, _, c in configs], args.repeats)
+        for (label, diag, c), t in zip(configs, times):
+            rows.append((tokens, label, diag, t, peak_bytes(batch, c)))
         # Ratios against cispo with the same diagnostics setting.
         base = {d: next(r for r in rows if r[0] == tokens and r[1] == "cispo" and r[2] == d) for d in (True, False)}
         for i, r in enumerate(rows):
