@@ -9,8 +9,9 @@ exactly max_new_tokens) and the same concurrency go through, in each repetition,
 
 * ours: RolloutClient (minpro_megatron/rollout/client.py) -> router -> server, return_logprob on
   (what training needs);
-* sglang: ``python -m sglang.benchmark.serving --backend sglang`` straight to the server, once plain and
-  once with ``return_logprob`` in the request body (the same work as ours).
+* sglang: SGLang's own client (``sglang.benchmark.serving --backend sglang``, run by this script with a
+  stand-in for the uninstalled ``datasets`` import it never calls here) straight to the server, once plain
+  and once with ``--return-logprob`` (the same work as ours); both non-streaming, as ours.
 
 Generated tokens/s = tokens generated / wall time of the batch. The ratio ours / sglang is taken per
 repetition (the two runs back to back see the same machine load); median and spread are printed.
@@ -39,9 +40,28 @@ from bench_common import report  # noqa: E402
 TARGET = 0.9
 
 
+def _datasets_import_standin() -> None:
+    """sglang.benchmark imports every dataset loader, and its MMMU loader imports Hugging Face
+    ``datasets``, which this environment does not install. random-ids never calls it: a STAND-IN module
+    that only satisfies the import (calling it raises) lets SGLang's real benchmark client run."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("datasets") is None and "datasets" not in sys.modules:
+        stub = types.ModuleType("datasets")
+
+        def load_dataset(*_a, **_k):
+            raise RuntimeError("bench_rollout.py stand-in for the uninstalled 'datasets' package")
+
+        stub.load_dataset = load_dataset
+        sys.modules["datasets"] = stub
+
+
 def same_prompts(model_dir: Path, args: argparse.Namespace) -> list[list[int]]:
     """The prompts bench_serving builds for dataset random-ids with --tokenize-prompt and this seed."""
     import numpy as np
+
+    _datasets_import_standin()
     from sglang.benchmark.datasets.random import sample_random_requests
     from transformers import AutoTokenizer
 
@@ -54,7 +74,7 @@ def same_prompts(model_dir: Path, args: argparse.Namespace) -> list[list[int]]:
 
 def run_sglang_bench(url: str, model_dir: Path, args: argparse.Namespace, out: Path, logprob: bool) -> dict:
     cmd = [
-        sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--base-url", url,
+        sys.executable, __file__, "--sglang-bench", "--backend", "sglang", "--base-url", url,
         "--model", str(model_dir), "--tokenizer", str(model_dir), "--dataset-name", "random-ids", "--tokenize-prompt",
         "--num-prompts", str(args.prompts), "--random-input-len", str(args.input_len),
         "--random-output-len", str(args.output_len), "--random-range-ratio", "1.0", "--seed", str(args.seed),
@@ -80,6 +100,13 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
+    if sys.argv[1:2] == ["--sglang-bench"]:  # child: SGLang's own client, argv passed through
+        _datasets_import_standin()
+        sys.argv = ["sglang.benchmark.serving", *sys.argv[2:]]
+        from sglang.benchmark.serving import cli_main
+
+        cli_main()
+        return
     args = ap.parse_args()
 
     from minpro_megatron.config import RolloutConfig

@@ -102,12 +102,15 @@ class _Prefetch:
         self._slots = threading.Semaphore(depth)
         self._q: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(iter(buckets), flattened, device), daemon=True)
+        cuda_device = torch.cuda.current_device() if device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._run, args=(iter(buckets), flattened, device, cuda_device), daemon=True)
         self._thread.start()
 
-    def _run(self, it: Iterator[Bucket], flattened: bool, device: torch.device) -> None:
+    def _run(self, it: Iterator[Bucket], flattened: bool, device: torch.device, cuda_device: int | None) -> None:
         i = 0
         try:
+            if cuda_device is not None:  # a new thread starts on GPU 0; stage where the sender's thread works
+                torch.cuda.set_device(cuda_device)
             while True:
                 self._slots.acquire()
                 if self._stop.is_set():
