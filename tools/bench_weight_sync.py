@@ -47,6 +47,7 @@ from minpro_megatron.weights.verify import LogprobProbe, hf_logprob_reference  #
 
 TARGET = 0.8  # of the raw broadcast, at >= 512 MiB
 FIXED = ("prepare", "pause", "begin", "end", "flush", "version check", "continue")
+PARTS = ("stage wait", "broadcast", "server load")  # inside the transfer (weights/transports.py)
 
 
 # ---- the raw broadcast: this process (rank 0) -> a bare receiver process (rank 1) ---------------------
@@ -102,7 +103,7 @@ def shape_for(mib: float, dtype: str) -> dict:
     heads, hd, kv = max(4, h // 64), 64, 2
     per_layer = e * 3 * h * i + 2 * h * heads * hd + 2 * h * kv * hd + e * h + 2 * hd + 2 * h
     itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    layers = max(1, round(mib * 2**20 / (per_layer * itemsize)))
+    layers = max(1, math.ceil(mib * 2**20 / (per_layer * itemsize)))
     return dict(hidden_size=h, intermediate_size=2 * h, num_layers=layers, num_heads=heads, num_kv_heads=kv,
                 head_dim=hd, num_experts=e, moe_intermediate_size=i, initializer_range=0.125)
 
@@ -152,7 +153,8 @@ def bench_model(mib: float, dtype: str, bucket_mbs: list[float], reps: int, raw:
                 r = s.sync(iter_buckets(tensors, c[1]), step, reference=ref if last else None)
                 s.probe = None
                 ph = dict(r.phases)
-                ph["version check"] = max(0.0, r.seconds - sum(ph.values()))  # the GET weight_version calls
+                top = sum(v for k, v in ph.items() if not k.startswith("transfer: "))
+                ph["version check"] = max(0.0, r.seconds - top)  # the GET weight_version calls
                 d = res[c]
                 d["ratio"].append(raw_s / r.transfer_seconds)
                 d["mibs"].append(nbytes / r.transfer_seconds / 2**20)
@@ -185,7 +187,10 @@ def bench_model(mib: float, dtype: str, bucket_mbs: list[float], reps: int, raw:
         rows.append(dict(model=label, nbytes=nbytes, case=c[0], bucket_bytes=c[1], overlap=c[2], ratio=med,
                          ratio_min=min(d["ratio"]), ratio_max=max(d["ratio"]), mibs=statistics.median(d["mibs"]),
                          fixed=statistics.median(d["fixed"]), buckets=d["buckets"],
-                         phases={k: statistics.median(p.get(k, 0.0) for p in d["phases"]) for k in FIXED}))
+                         phases={k: statistics.median(p.get(k, 0.0) for p in d["phases"]) for k in FIXED},
+                         parts={k: statistics.median(p.get(f"transfer: {k}", 0.0) for p in d["phases"]) for k in PARTS}))
+        pt = rows[-1]["parts"]
+        print(f"{'':34s} inside the transfer: " + ", ".join(f"{k} {pt[k]:.3f} s" for k in PARTS))
     ph = rows[0]["phases"]
     print("fixed per-sync overhead (median, s; HTTP round trips independent of the model's size): "
           + ", ".join(f"{k} {ph[k]:.3f}" for k in FIXED))
@@ -239,8 +244,9 @@ def main() -> None:
                f"smallest bucket within 5%: {good['bucket_bytes'] / 2**20:.0f} MiB ({good['ratio']:.2f}x); "
                f"overlap on/off {on['ratio']:.2f}x/{off['ratio']:.2f}x; fixed per-sync overhead {best['fixed']:.3f} s",
                f">= {TARGET}x raw" if big else "", best["ratio"] >= TARGET if big else None)
-        ph = best["phases"]
-        print("  fixed overhead, " + model + ": " + ", ".join(f"{k} {ph[k] * 1e3:.0f} ms" for k in FIXED))
+        ph, pt = best["phases"], best["parts"]
+        print("  fixed overhead, " + model + ": " + ", ".join(f"{k} {ph[k] * 1e3:.0f} ms" for k in FIXED)
+              + "; inside the transfer: " + ", ".join(f"{k} {pt[k]:.3f} s" for k in PARTS))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -53,6 +53,9 @@ class TransportStats:
     buckets: int = 0
     tensors: int = 0
     seconds: float = 0.0
+    # where the distributed transport's time went (sums over buckets): waiting for a staged bucket, the
+    # broadcast itself, and waiting after it for the servers' POSTs to return (their load into the model)
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 def with_last(buckets: Iterable[Bucket]) -> Iterator[tuple[Bucket, bool]]:
@@ -264,7 +267,10 @@ class DistributedTransport(Transport):
             raise RuntimeError("DistributedTransport.push before prepare() for this server set")
         stats = TransportStats()
         t0 = time.perf_counter()
+        parts = dict.fromkeys(("stage wait", "broadcast", "server load"), 0.0)
+        t_wait = time.perf_counter()
         for i, (staged, last) in enumerate(stage_buckets(buckets, self.flattened, self.device, self.overlap)):
+            parts["stage wait"] += time.perf_counter() - t_wait
             label = version if last else None
             names, dtypes, shapes, payload = staged.names, staged.dtypes, staged.shapes, staged.payload
             errors: list[str] = []
@@ -280,16 +286,22 @@ class DistributedTransport(Transport):
             threads = [threading.Thread(target=post, args=(s,), daemon=True) for s in servers]
             for t in threads:
                 t.start()
+            t_b = time.perf_counter()
             for tensor in payload:  # same order as the receivers' broadcasts
                 torch.distributed.broadcast(tensor, group=self.pg, group_src=0)
+            t_j = time.perf_counter()
             for t in threads:
                 t.join(timeout=self.timeout_s)
+            parts["broadcast"] += t_j - t_b
+            parts["server load"] += time.perf_counter() - t_j
             if errors or any(t.is_alive() for t in threads):
                 raise ServerControlError(f"update_weights_from_distributed bucket {i} failed: {'; '.join(errors) or 'timeout'}")
             stats.bytes += sum(int(p.numel()) * p.element_size() for p in payload)
             stats.buckets += 1
             stats.tensors += len(names)
+            t_wait = time.perf_counter()
         stats.seconds = time.perf_counter() - t0
+        stats.parts = parts
         return stats
 
     def close(self, servers: Sequence[ServerControl] = ()) -> None:
