@@ -129,19 +129,24 @@ def main() -> None:
               f"tokens -> {args.output_len} new tokens (ignore_eos), concurrency {args.concurrency}", flush=True)
         client.generate_sync(prompts[:2], params)  # warm-up (bench_serving warms up with one request)
         for rep in range(args.reps):
-            t = time.perf_counter()
-            groups = client.generate_sync(prompts, params)
-            ours_s = time.perf_counter() - t
-            ours_tok = sum(len(s.response_ids) for g in groups for s in g)
+            def ours() -> tuple[float, int]:
+                t = time.perf_counter()
+                groups = client.generate_sync(prompts, params)
+                return time.perf_counter() - t, sum(len(s.response_ids) for g in groups for s in g)
+
+            if rep % 2 == 0:  # alternate who goes first: a load change then biases both sides alike
+                ours_s, ours_tok = ours()
             sg = run_sglang_bench(server, model_dir, args, work / "sg.jsonl", logprob=False)
             sgl = run_sglang_bench(server, model_dir, args, work / "sgl.jsonl", logprob=True)
+            if rep % 2 == 1:
+                ours_s, ours_tok = ours()
             if sg["total_input_tokens"] != sum(map(len, prompts)):
                 raise RuntimeError(f"bench_serving sent {sg['total_input_tokens']} prompt tokens, ours {sum(map(len, prompts))}: not the same prompts")
             row = dict(ours=ours_tok / ours_s, sg=sg["output_throughput"], sgl=sgl["output_throughput"],
                        ours_tok=ours_tok, sg_tok=sg["total_output_tokens"], load=os.getloadavg()[0])
             rows.append(row)
             print(f"rep {rep}: ours {row['ours']:.0f} tok/s ({ours_tok} tokens in {ours_s:.2f} s); sglang bench "
-                  f"{row['sg']:.0f} tok/s plain, {row['sgl']:.0f} tok/s with return_logprob; load avg {row['load']:.1f}", flush=True)
+                  f"{row['sg']:.0f} tok/s plain ({row['sg_tok']} tokens), {row['sgl']:.0f} tok/s with return_logprob; load avg {row['load']:.1f}", flush=True)
     r_logp = [r["ours"] / r["sgl"] for r in rows]
     r_plain = [r["ours"] / r["sg"] for r in rows]
     med = statistics.median(r_logp)
