@@ -37,9 +37,9 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("bench_logprobs", ["--tokens", "4096", "--vocab", "32768"]),
     ("bench_attention", ["--reps", "3"]),
     ("bench_convert", ["--layers", "4"]),
-    ("bench_weight_sync", ["--models", "27:float32,27:bfloat16,512:float32,512:bfloat16", "--bucket-mb", "16,64,256,0", "--reps", "2"]),
-    ("bench_rollout", ["--reps", "2"]),
-    ("bench_staleness_overlap", ["--steps", "6", "--backends", "sglang"]),
+    ("bench_weight_sync", ["--models", "27:float32,27:bfloat16,512:float32,512:bfloat16", "--bucket-mb", "64,0", "--reps", "2"]),
+    ("bench_rollout", ["--prompts", "32", "--reps", "2"]),
+    ("bench_staleness_overlap", ["--steps", "5", "--backends", "sglang"]),
 ]
 
 
