@@ -42,8 +42,9 @@ test-py311: env-py311
 	@echo "== leg 2: $$($(PY311) --version), megatron-core $$($(PY311) -c 'import importlib.metadata as m; print(m.version("megatron-core"))'): $(PY311_TESTS)"
 	$(PY311) -m pytest $(PY311_TESTS) $(PYTEST_ARGS)
 
+# Every benchmark (~10 min on a 2-core CPU host); one markdown table in docs/benchmarks.md.
 bench: env
-	$(PY) tools/bench_losses.py
+	$(PY) tools/run_benchmarks.py --out docs/benchmarks.md
 
 clean-env:
 	rm -rf $(VENV) $(VENV311)

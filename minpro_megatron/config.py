@@ -184,7 +184,7 @@ class RolloutConfig:
     request_timeout_s: float = 600.0  # seconds per generation request
     # how new weights reach the servers after each step
     weight_transport: Literal["distributed", "disk", "tensor"] = "distributed"
-    bucket_mb: int = 512  # size of one weight-update bucket
+    bucket_mb: int = 64  # size of one weight-update bucket in MiB (64: fastest measured, tools/bench_weight_sync.py)
     pause_mode: Literal["abort", "retract"] = "abort"  # abort: in-flight requests are retried by the client
     weight_sync_timeout_s: float = 300.0  # seconds allowed for one weight update
     weight_sync_master_address: str = "127.0.0.1"  # the trainer's address as the servers reach it (multi-node: its IP)

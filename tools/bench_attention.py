@@ -135,6 +135,15 @@ def main(argv: list[str] | None = None) -> None:
 
     results = run_multiprocess(_measure, args.cp, args, timeout=3600, threads=args.threads)
     _print(results[0], args)
+    from bench_common import report
+
+    for r in results[0]:
+        ratio = r["fb_dense"] / r["fb_fast"]
+        if r["dense_path"]:  # too few tokens to bucket: both sides run the dense mask, the ratio is noise
+            report("bench_attention", f"cp={args.cp}, {r['case']}", f"dense fallback (no buckets): {ratio:.1f}x, max |diff| {r['max_diff']:.1e}", "", None)
+            continue
+        report("bench_attention", f"cp={args.cp}, {r['case']}", f"dense / bucketed fwd+bwd time {ratio:.1f}x, max |diff| {r['max_diff']:.1e}",
+               ">= 1x (bucketed not slower)", ratio >= 1.0)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{r0['rss_peak'] / mb:8.0f} {max(own):22.2f} {sum(own):22.2f} {d['tree_pss'] / mb:12.0f} "
               f"{r0['seconds']:6.1f}")
     print("\nRound trip (HF -> Megatron -> HF) bit-exact in every layout: yes")
+    from bench_common import report
+
+    for layout, direction, d in rows:
+        own = max((r["rss_peak"] - r["rss_before"]) / model_bytes for r in d["ranks"])
+        report("bench_convert", f"{model_bytes / 1e6:.0f} MB Qwen3-MoE, {layout}, {direction}",
+               f"peak RSS growth per rank {own:.2f}x the model, round trip bit-exact", "<= 2x the model", own <= 2.0)
     if tmp is not None:
         tmp.cleanup()
 

@@ -137,6 +137,15 @@ def main() -> None:
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in s.get("diffs", {}).items())
         print(f"{path:<8} {phase:<8} {s['peak_mib']:>10.1f} {s['peak_mib'] / n['peak_mib']:>9.3f} "
               f"{s['seconds']:>8.2f} {s['seconds'] / n['seconds']:>9.2f}  {diffs}")
+    from bench_common import report
+
+    for path, phase, s in rows:
+        if path == "chunked":
+            ratio = s["peak_mib"] / naive[phase]["peak_mib"]
+            worst = max(s.get("diffs", {}).values(), default=0.0)
+            report("bench_logprobs", f"T={args.tokens // 1024}k V={args.vocab // 1024}k {phase}",
+                   f"chunked / naive peak memory {ratio:.3f}x, time {s['seconds'] / naive[phase]['seconds']:.2f}x, max |diff| {worst:.1e}",
+                   "<= 0.25x memory", ratio <= 0.25)
     if not all(s["hwm_reset"] for _, _, s in rows):
         print("note: /proc/self/clear_refs not writable; peaks are ru_maxrss minus the pre-call RSS")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench_common import quiet_native_stderr, report
 from minpro_megatron.losses import LossConfig, policy_loss
 from minpro_megatron.parallel.cp_layout import ZigzagLayout
 from minpro_megatron.parallel.cp_scan import comm_bytes_per_call
@@ -64,18 +65,22 @@ def run_once(batch: Batch, cfg: LossConfig) -> None:
     loss.backward()
 
 
-def time_ms(batch: Batch, cfg: LossConfig, repeats: int) -> float:
-    run_once(batch, cfg)  # warm-up
-    samples = []
+def interleaved_ms(batch: Batch, cfgs: list[LossConfig], repeats: int) -> list[float]:
+    """Median ms of each config, timed round-robin (one call of each per round) so that the load of a
+    shared host falls on every config alike and the ratios stay side by side."""
+    for cfg in cfgs:
+        run_once(batch, cfg)  # warm-up
+    samples: list[list[float]] = [[] for _ in cfgs]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run_once(batch, cfg)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+        for i, cfg in enumerate(cfgs):
+            t0 = time.perf_counter()
+            run_once(batch, cfg)
+            samples[i].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(s) for s in samples]
 
 
 def peak_bytes(batch: Batch, cfg: LossConfig) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run_once(batch, cfg)
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
     current = peak = 0
@@ -97,15 +102,10 @@ def main() -> None:
     rows = []
     for tokens in args.tokens:
         batch = make_batch(tokens)
-        base_t = base_m = None
-        for label, cfg in VARIANTS:
-            for diag in (True, False):
-                c = LossConfig(**{**vars(cfg), "prefix_diagnostics": diag})
-                t = time_ms(batch, c, args.repeats)
-                m = peak_bytes(batch, c)
-                if label == "cispo" and diag:
-                    base_t, base_m = t, m
-                rows.append((tokens, label, diag, t, m))
+        configs = [(label, diag, LossConfig(**{**vars(cfg), "prefix_diagnostics": diag})) for label, cfg in VARIANTS for diag in (True, False)]
+        times = interleaved_ms(batch, [c for _, _, c in configs], args.repeats)
+        for (label, diag, c), t in zip(configs, times):
+            rows.append((tokens, label, diag, t, peak_bytes(batch, c)))
         # Ratios against cispo with the same diagnostics setting.
         base = {d: next(r for r in rows if r[0] == tokens and r[1] == "cispo" and r[2] == d) for d in (True, False)}
         for i, r in enumerate(rows):
@@ -118,6 +118,14 @@ def main() -> None:
     print("|---:|---|:---:|---:|---:|---:|---:|---:|")
     for tokens, label, diag, t, m, rt, rm in rows:
         print(f"| {tokens} | {label} | {'on' if diag else 'off'} | {t:.2f} | {rt:.2f} | {m / 2**20:.1f} | {rm:.2f} | {m / tokens:.0f} |")
+
+    print()
+    for tokens, label, diag, t, m, rt, rm in rows:
+        if label == "minpro (min, exclusive)":
+            setting = f"{tokens // 1024}k tokens, diagnostics {'on (default)' if diag else 'off'}"
+            met = rt <= 1.05 if diag else None  # with diagnostics off CISPO runs no scan: context, no target
+            report("bench_losses", setting, f"minpro / cispo time {rt:.2f}x, memory {rm:.2f}x ({m / tokens:.0f} B/token)",
+                   "<= 1.05x time" if diag else "", met)
 
     print("\n## CP scan communication per loss call (one all_gather of chunk summaries), this rank's receive bytes\n")
     print("| tokens | sequences | cp | minpro scan bytes | all-gather of log-probs bytes | ratio |")

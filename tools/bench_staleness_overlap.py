@@ -58,6 +58,15 @@ def main() -> None:
         base = results[(backend, 0)]["time/step_s"]
         print(f"| {backend} | {n} | {r['time/step_s']:.3f} | {r['time/rollout_s']:.3f} | {r['time/rollout_wait_s']:.3f} | "
               f"{r['time/train_s']:.3f} | {r['time/sync_s']:.3f} | {r['time/step_s'] / base:.2f} |")
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_common import report
+
+    for backend in args.backends:
+        ratio = results[(backend, 2)]["time/step_s"] / results[(backend, 0)]["time/step_s"]
+        overlap = backend == "sglang"  # the local engine shares the learner's process: reference only
+        report("bench_staleness_overlap", f"{backend}, staleness 2 vs 0, {args.steps} steps",
+               f"step time {ratio:.2f}x ({results[(backend, 2)]['time/step_s']:.3f} s vs {results[(backend, 0)]['time/step_s']:.3f} s)",
+               "<= 0.9x" if overlap else "", ratio <= 0.9 if overlap else None)
     if args.png:
         import matplotlib
 

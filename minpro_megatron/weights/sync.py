@@ -118,6 +118,7 @@ class WeightSync:
                     except Exception:
                         log.exception("end_weight_update failed")
             phases["transfer"] = stats.seconds
+            phases.update({f"transfer: {k}": v for k, v in stats.parts.items()})
             phase("flush", lambda: _parallel(lambda s: s.flush_cache(), servers))
             versions = {s.url: s.weight_version() for s in servers}
             wrong = {u: v for u, v in versions.items() if v != version}

@@ -4,7 +4,10 @@
   is rank 0 of one group joined by every server TP rank (server k's ranks start at 1 + sum of earlier TP
   sizes); each bucket is broadcast once to all servers. gloo on CPU, nccl when the tensors are on CUDA.
   ``flattened=True`` sends one uint8 buffer per bucket (load_format "flattened_bucket"), else one
-  broadcast per tensor. A server that dies mid-broadcast makes the trainer's broadcast fail or wait for
+  broadcast per tensor. ``overlap=True`` (default) stages bucket i+1 (pulling it from the exporter, which
+  gathers it from the learner ranks, and flattening it) in one background thread while bucket i is
+  broadcast; at most three staged buckets are alive at once, and the bytes sent are the same as staging
+  them in turn (tests/rollout/test_transport_overlap.py). A server that dies mid-broadcast makes the trainer's broadcast fail or wait for
   the group timeout (``timeout_s``); WeightSync then drops the group and rebuilds it on the next sync.
 * DiskTransport: safetensors shards + config/tokenizer files in a directory, then
   ``/update_weights_from_disk`` on each server (servers must see the directory: same host or shared FS).
@@ -21,12 +24,13 @@ Every transport returns TransportStats (bytes, buckets, tensors, seconds).
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -37,7 +41,10 @@ from minpro_megatron.rollout.server import free_port
 from minpro_megatron.weights.buckets import Bucket, FlatBucket, bucket_nbytes, dtype_name, validate_bucket
 from minpro_megatron.weights.update_group import destroy_update_group, init_update_group
 
-__all__ = ["TransportStats", "Transport", "DistributedTransport", "DiskTransport", "TensorTransport", "with_last"]
+__all__ = [
+    "TransportStats", "Transport", "DistributedTransport", "DiskTransport", "TensorTransport", "Staged", "stage_buckets",
+    "with_last",
+]
 
 
 @dataclass
@@ -46,6 +53,9 @@ class TransportStats:
     buckets: int = 0
     tensors: int = 0
     seconds: float = 0.0
+    # where the distributed transport's time went (sums over buckets): waiting for a staged bucket, the
+    # broadcast itself, and waiting after it for the servers' POSTs to return (their load into the model)
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 def with_last(buckets: Iterable[Bucket]) -> Iterator[tuple[Bucket, bool]]:
@@ -59,6 +69,100 @@ def with_last(buckets: Iterable[Bucket]) -> Iterator[tuple[Bucket, bool]]:
         yield cur, False
         cur = nxt
     yield cur, True
+
+
+@dataclass
+class Staged:
+    """One bucket ready for the wire: what the servers' POST names and the tensors to broadcast, in order."""
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    payload: list[torch.Tensor]
+
+
+def _stage(bucket: Bucket, index: int, flattened: bool, device: torch.device) -> Staged:
+    validate_bucket(bucket, f"bucket {index}")
+    if flattened:
+        flat = FlatBucket.from_bucket(bucket, device=device)
+        return Staged(flat.names, flat.dtypes, flat.shapes, [flat.flat])
+    return Staged(
+        [n for n, _ in bucket],
+        [dtype_name(t.dtype) for _, t in bucket],
+        [list(t.shape) for _, t in bucket],
+        [t.detach().to(device).contiguous() for _, t in bucket],
+    )
+
+
+_END = object()
+
+
+class _Prefetch:
+    """Stage buckets in one background thread, at most ``depth`` staged buckets alive (the consumer calls
+    ``release()`` once it has sent one). Errors of the source (e.g. the exporter) reach the consumer."""
+
+    def __init__(self, buckets: Iterable[Bucket], flattened: bool, device: torch.device, depth: int):
+        self._slots = threading.Semaphore(depth)
+        self._q: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        cuda_device = torch.cuda.current_device() if device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._run, args=(iter(buckets), flattened, device, cuda_device), daemon=True)
+        self._thread.start()
+
+    def _run(self, it: Iterator[Bucket], flattened: bool, device: torch.device, cuda_device: int | None) -> None:
+        i = 0
+        try:
+            if cuda_device is not None:  # a new thread starts on GPU 0; stage where the sender's thread works
+                torch.cuda.set_device(cuda_device)
+            while True:
+                self._slots.acquire()
+                if self._stop.is_set():
+                    return
+                bucket = next(it, _END)
+                if bucket is _END:
+                    self._q.put(_END)
+                    return
+                self._q.put(_stage(bucket, i, flattened, device))
+                del bucket
+                i += 1
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._q.put(exc)
+
+    def __iter__(self) -> Iterator[Staged]:
+        while True:
+            item = self._q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def close(self) -> None:
+        """Stop staging (after a failed push): the thread exits at its next slot."""
+        self._stop.set()
+        self._slots.release()
+
+
+def stage_buckets(
+    buckets: Iterable[Bucket], flattened: bool = True, device: torch.device | str = "cpu", overlap: bool = True
+) -> Iterator[tuple[Staged, bool]]:
+    """(staged bucket, is_last) pairs, as DistributedTransport sends them; ``overlap`` stages the next
+    bucket in a background thread while the caller sends the current one (the caller must finish with a
+    pair before asking for the one after next)."""
+    device = torch.device(device)
+    if not overlap:
+        yield from with_last(_stage(b, i, flattened, device) for i, b in enumerate(buckets))
+        return
+    pre = _Prefetch(buckets, flattened, device, depth=3)  # with_last holds two; the third is being staged
+    try:
+        for pair in with_last(pre):
+            yield pair
+            pre.release()
+    finally:
+        pre.close()
 
 
 def _parallel(fn, servers: Sequence[ServerControl]) -> None:
@@ -102,6 +206,7 @@ class DistributedTransport(Transport):
         timeout_s: float = 300.0,
         tp_sizes: Sequence[int] | None = None,
         device: str | torch.device | None = None,
+        overlap: bool = True,
     ):
         """backend None: nccl when CUDA is available, else gloo. tp_sizes: TP size of each server
         (default 1 each). device: where buckets are staged for the broadcast (default cuda for nccl)."""
@@ -109,6 +214,7 @@ class DistributedTransport(Transport):
         self.master_address = master_address
         self.master_port = master_port
         self.flattened = flattened
+        self.overlap = overlap
         self.timeout_s = timeout_s
         self.tp_sizes = list(tp_sizes) if tp_sizes is not None else None
         self.device = torch.device(device) if device is not None else torch.device("cuda" if self.backend == "nccl" else "cpu")
@@ -161,18 +267,12 @@ class DistributedTransport(Transport):
             raise RuntimeError("DistributedTransport.push before prepare() for this server set")
         stats = TransportStats()
         t0 = time.perf_counter()
-        for i, (bucket, last) in enumerate(with_last(buckets)):
-            validate_bucket(bucket, f"bucket {i}")
+        parts = dict.fromkeys(("stage wait", "broadcast", "server load"), 0.0)
+        t_wait = time.perf_counter()
+        for i, (staged, last) in enumerate(stage_buckets(buckets, self.flattened, self.device, self.overlap)):
+            parts["stage wait"] += time.perf_counter() - t_wait
             label = version if last else None
-            if self.flattened:
-                flat = FlatBucket.from_bucket(bucket, device=self.device)
-                names, dtypes, shapes = flat.names, flat.dtypes, flat.shapes
-                payload = [flat.flat]
-            else:
-                names = [n for n, _ in bucket]
-                dtypes = [dtype_name(t.dtype) for _, t in bucket]
-                shapes = [list(t.shape) for _, t in bucket]
-                payload = [t.detach().to(self.device).contiguous() for _, t in bucket]
+            names, dtypes, shapes, payload = staged.names, staged.dtypes, staged.shapes, staged.payload
             errors: list[str] = []
 
             def post(s: ServerControl) -> None:
@@ -186,16 +286,22 @@ class DistributedTransport(Transport):
             threads = [threading.Thread(target=post, args=(s,), daemon=True) for s in servers]
             for t in threads:
                 t.start()
+            t_b = time.perf_counter()
             for tensor in payload:  # same order as the receivers' broadcasts
                 torch.distributed.broadcast(tensor, group=self.pg, group_src=0)
+            t_j = time.perf_counter()
             for t in threads:
                 t.join(timeout=self.timeout_s)
+            parts["broadcast"] += t_j - t_b
+            parts["server load"] += time.perf_counter() - t_j
             if errors or any(t.is_alive() for t in threads):
                 raise ServerControlError(f"update_weights_from_distributed bucket {i} failed: {'; '.join(errors) or 'timeout'}")
             stats.bytes += sum(int(p.numel()) * p.element_size() for p in payload)
             stats.buckets += 1
             stats.tensors += len(names)
+            t_wait = time.perf_counter()
         stats.seconds = time.perf_counter() - t0
+        stats.parts = parts
         return stats
 
     def close(self, servers: Sequence[ServerControl] = ()) -> None:
