@@ -16,6 +16,7 @@ from typing import Literal
 
 import requests
 
+from minpro_megatron.rollout.orphans import PidFile, spawn
 from minpro_megatron.rollout.server import ServerStartError, free_port, stop_pid_tree
 
 __all__ = ["RouterProcess", "RouterAdmin", "RouterError"]
@@ -104,6 +105,7 @@ class RouterProcess:
         policy: Policy = "round_robin",
         worker_urls: list[str] | None = None,
         extra_args: list[str] | None = None,
+        pid_file: PidFile | None = None,
     ):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"router host={host!r}: the router binds 127.0.0.1 (its default 0.0.0.0 is refused)")
@@ -113,6 +115,7 @@ class RouterProcess:
         self.initial_workers = list(worker_urls or [])
         self.extra_args = list(extra_args or [])
         self.log_path = Path(log_path)
+        self.pid_file = pid_file
         self.proc: subprocess.Popen | None = None
         self._stopped = True
 
@@ -135,9 +138,11 @@ class RouterProcess:
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n===== router: {' '.join(self.command())}\n".encode())
             logf.flush()
-            self.proc = subprocess.Popen(
+            self.proc = spawn(  # dies with this process (PR_SET_PDEATHSIG), even on SIGKILL
                 self.command(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
+        if self.pid_file is not None:
+            self.pid_file.record(self.proc.pid, f"router {self.url}")
         self._stopped = False
         t0 = time.monotonic()
         session = requests.Session()
