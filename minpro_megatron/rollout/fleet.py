@@ -69,6 +69,7 @@ class RolloutFleet:
         self.router_admin: RouterAdmin | None = None
         self._attached = list(cfg.server_urls)
         self._pending: set[str] = set()  # restarted servers waiting for current weights
+        self._failed_sync: set[str] = set()  # servers a failed sync left paused, possibly with mixed weights
         self._membership_changed = False  # a server restarted since the last sync (same URL, new process)
         self._clients: list[RolloutClient] = []
         self._registered: set[str] = set()  # workers this fleet added to a router
@@ -282,6 +283,12 @@ class RolloutFleet:
                 sync.transport.close(sync.servers)
                 self._membership_changed = False
         sync.set_servers(self.server_urls)
+        with self._lock:
+            failed = sorted(self._failed_sync)
+        if failed:  # paused by the failed sync (and unhealthy so): un-pause them, out of generation, to retry
+            for control in sync.servers:
+                if control.url in failed:
+                    control.resume()
         try:
             result = sync.sync(buckets, step, reference)
         except WeightVerificationError:  # the servers hold (and are labelled with) step's weights regardless
@@ -297,6 +304,7 @@ class RolloutFleet:
 
     def _hold_out(self, urls: list[str]) -> None:
         with self._lock:
+            self._failed_sync.update(urls)
             for url in urls:
                 self._pending.add(url)
                 if self.router_admin is not None:
@@ -310,4 +318,5 @@ class RolloutFleet:
     def _set_version(self, step: int) -> None:
         with self._lock:
             self.version = step
+            self._failed_sync.clear()
         self._admit_pending()

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def test_kill_9_mid_save_then_resume(tmp_path) -> None:
@@ -74,3 +74,43 @@ def test_missing_rank_state_file_is_a_clear_error(tmp_path) -> None:
     (msg,) = run_multiprocess(_save_then_remove_rank_file, 1, str(tmp_path / "ckpt"), timeout=300)
     lines = msg.splitlines()
     assert len(lines) == 2 and all("rank_state_00000.pt missing" in m and "iter_0000003" in m for m in lines), msg
+
+
+def _converter_save_fails_midway(out: str) -> dict:
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from minpro_megatron.convert.megatron_checkpoint import load_model_checkpoint, save_model_checkpoint
+    from minpro_megatron.learner.distributed import init_distributed
+    from minpro_megatron.learner.learner import Learner
+    from tests.learner.test_train_step import run_config
+
+    cfg = run_config()
+    init_distributed(cfg.parallel, seed=7)
+    learner = Learner(cfg)
+    save_model_checkpoint(learner.model, out, model=cfg.model, iteration=0)
+    saved = [p.detach().clone() for p in learner.model[0].parameters()]
+    real_save = dist_checkpointing.save
+
+    def disk_full(state, path, *a, **kw):  # a few files land, then the filesystem fails
+        (Path(path) / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    dist_checkpointing.save = disk_full
+    with torch.no_grad():
+        for p in learner.model[0].parameters():
+            p.add_(1.0)
+    try:
+        save_model_checkpoint(learner.model, out, model=cfg.model, iteration=0)  # the converter run again
+        failed = False
+    except OSError:
+        failed = True
+    dist_checkpointing.save = real_save
+    load_model_checkpoint(learner.model, out)
+    same = all(torch.equal(a, b) for a, b in zip(saved, learner.model[0].parameters()))
+    return {"failed": failed, "restored": same}
+
+
+def test_converter_checkpoint_survives_a_failed_rewrite(tmp_path) -> None:
+    (r,) = run_multiprocess(_converter_save_fails_midway, 1, str(tmp_path / "ckpt"), timeout=300)
+    assert r == {"failed": True, "restored": True}

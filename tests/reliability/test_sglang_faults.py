@@ -67,7 +67,7 @@ def test_kill_9_trainer_leaves_no_server_or_router(tmp_path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "minpro_megatron.cli", "train", str(TINY), *QUICK, *SGLANG, "train.steps=200",
            "train.warm_start_steps=0", "train.eval_interval=0", f"logging.output_dir={out}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])), "OMP_NUM_THREADS": "1"}
     trainer = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started: list[psutil.Process] = []
     try:
@@ -79,7 +79,7 @@ def test_kill_9_trainer_leaves_no_server_or_router(tmp_path) -> None:
             time.sleep(0.5)
         started = _descendants(trainer.pid)  # the server (and its scheduler / detokenizer) and the router
         names = " ".join(" ".join(p.cmdline()) for p in started if _alive(p))
-        assert "sglang.launch_server" in names and "sglang_router" in names, names
+        assert "sglang.launch_server" in names and "sglang::router" in names, names
         os.kill(trainer.pid, signal.SIGKILL)  # no Python cleanup runs
         trainer.wait()
         time.sleep(10)
