@@ -40,7 +40,7 @@ def test_rank0_sync_failure_ends_both_ranks_with_its_error(tmp_path) -> None:
     # kind of failure only rank 0 sees: the other rank is gathering weight shards for it at that moment).
     argv = [str(TINY), *QUICK, *SGLANG, "rollout.use_router=false", "train.warm_start_steps=1",
             "rollout.weight_sync_master_address=10.255.255.1", "rollout.weight_sync_timeout_s=20",
-            "parallel.collective_timeout_s=900", "rollout.request_timeout_s=60", f"logging.output_dir={tmp_path / 'run'}"]
+            "rollout.request_timeout_s=60", f"logging.output_dir={tmp_path / 'run'}"]
     r0, r1 = run_multiprocess(_train_catching, 2, argv, timeout=600)
     print(f"rank 0 exited after {r0['seconds']:.1f} s, rank 1 after {r1['seconds']:.1f} s")
     for r in (r0, r1):
