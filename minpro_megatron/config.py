@@ -113,6 +113,10 @@ class ParallelConfig:
     data: int | None = None  # data parallel size; None: world size / (TP * PP * CP)
     sequence_parallel: bool | None = None  # None: on when tensor > 1 (MoE with TP requires it)
     virtual_pipeline: int | None = None  # model chunks per pipeline stage (interleaved schedule); None: off
+    # How long a rank waits in a collective before torch aborts it. Rank-0-only phases (generation, weight
+    # sync, probe) end in a status broadcast, so a failure there ends every rank at once; this timeout only
+    # bounds a rank that hangs. It must exceed the longest legitimate rank-0 phase (RunConfig.validate).
+    collective_timeout_s: float = 3600.0  # seconds a rank waits in a collective before torch aborts it
 
     def data_parallel_size(self, world_size: int) -> int:
         model = self.tensor * self.pipeline * self.context
@@ -193,6 +197,7 @@ class RolloutConfig:
     # Without a key every server, router and URL must be loopback unless allow_unauthenticated is set.
     api_key_file: str | None = None
     allow_unauthenticated: bool = False  # talk to non-loopback servers without a key (a private network only)
+    keep_exports: int = 2  # full HF exports (policy_step*/ under OUTPUT/rollout) kept; older ones are deleted
     staleness: StalenessConfig = field(default_factory=StalenessConfig)  # how old rollouts may be (section)
 
     def validate(self) -> None:
@@ -215,6 +220,8 @@ class RolloutConfig:
                 "rollout.weight_transport=tensor needs colocated GPU servers (CUDA IPC); on CPU use "
                 "'distributed' (gloo) or 'disk'"
             )
+        if self.keep_exports < 1:
+            raise ConfigError(f"rollout.keep_exports={self.keep_exports} must be >= 1 (the servers boot from the newest)")
         if self.verify_threshold is not None and self.verify_threshold < 0:
             raise ConfigError(f"rollout.verify_threshold={self.verify_threshold} must be >= 0 or null")
         if self.api_key_file is not None and not self.api_key_file.strip():
@@ -249,6 +256,9 @@ class TrainConfig:
     warm_start_lr: float = 1e-3  # learning rate of the warm-start steps
     advantage_eps: float = 1e-6  # added to the group reward std before dividing
     eval_interval: int = 0  # RL steps between greedy evaluations on the held-out set (0: start only)
+    # Updates with a non-finite gradient are skipped (parameters and Adam state untouched) and counted
+    # (optim/skipped_updates); more than this many in a row stop the run with an error.
+    max_nonfinite_skips: int = 3
 
 
 @dataclass
@@ -314,8 +324,34 @@ class RunConfig:
                 f"train.rollout_batch_size * train.group_size = {samples} samples is not divisible by "
                 f"train.updates_per_batch={t.updates_per_batch}"
             )
+        if t.max_nonfinite_skips < 0:
+            raise ConfigError(f"train.max_nonfinite_skips={t.max_nonfinite_skips} must be >= 0")
+        if p.collective_timeout_s <= 0:
+            raise ConfigError(f"parallel.collective_timeout_s={p.collective_timeout_s} must be > 0")
+        r = self.rollout
+        if r.backend == "sglang":
+            worst = r.request_timeout_s * (r.request_retries + 1)
+            if p.collective_timeout_s < worst:
+                raise ConfigError(
+                    f"parallel.collective_timeout_s={p.collective_timeout_s:g} is shorter than one generation request may "
+                    f"legitimately take (rollout.request_timeout_s={r.request_timeout_s:g} x (rollout.request_retries="
+                    f"{r.request_retries} + 1) = {worst:g} s): the other ranks would time out while rank 0 generates; "
+                    "raise parallel.collective_timeout_s"
+                )
         if world_size is not None:
             dp = p.data_parallel_size(world_size)
+            # prompts are split over DP ranks (groups never span ranks): checked before anything starts
+            if t.rollout_batch_size % dp:
+                raise ConfigError(
+                    f"train.rollout_batch_size={t.rollout_batch_size} is not divisible by the data-parallel size {dp} "
+                    f"(world size {world_size}); change train.rollout_batch_size or the layout"
+                )
+            warm = samples // t.updates_per_batch
+            if t.warm_start_steps and warm % dp:
+                raise ConfigError(
+                    f"the warm start takes train.rollout_batch_size * train.group_size / train.updates_per_batch = {warm} "
+                    f"prompts per step, not divisible by the data-parallel size {dp}; change the batch or the layout"
+                )
             if world_size % (p.expert * (p.expert_tensor or 1) * p.pipeline):
                 raise ConfigError(
                     f"world size {world_size} is not divisible by parallel.expert * parallel.expert_tensor * "
@@ -327,6 +363,11 @@ class RunConfig:
                     f"{per_update} samples per update are not divisible by data-parallel size {dp} x "
                     f"train.micro_batch_size={t.micro_batch_size}; change train.micro_batch_size or the batch"
                 )
+        if self.rollout.max_new_tokens >= m.max_position_embeddings:
+            raise ConfigError(
+                f"rollout.max_new_tokens={self.rollout.max_new_tokens} leaves no room for a prompt within "
+                f"model.max_position_embeddings={m.max_position_embeddings}"
+            )
         if self.rollout.staleness.n < 0:
             raise ConfigError(f"rollout.staleness.n must be >= 0, got {self.rollout.staleness.n}")
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from minpro_megatron.advantages import group_advantages
 from minpro_megatron.config import RunConfig, load_config, to_dict
-from minpro_megatron.data.dataset import PromptStream, load_dataset_pair
+from minpro_megatron.data.dataset import PromptStream, drop_overlong, load_dataset_pair
 from minpro_megatron.data.prompts import encode_prompt
 from minpro_megatron.data.tasks import Problem
 from minpro_megatron.learner.batch import TrainSample, global_batch_totals
@@ -33,9 +33,13 @@ from minpro_megatron.rewards import reward
 from minpro_megatron.rollout.buffer import BoundedAgeBuffer, ExactDelaySchedule, token_age_histogram
 from minpro_megatron.rollout.types import RolloutSample, SamplingParams
 
-__all__ = ["RLTrainer", "Group", "main"]
+__all__ = ["RLTrainer", "Group", "NonFiniteError", "main"]
 
 log = logging.getLogger("minpro_megatron.trainer")
+
+
+class NonFiniteError(RuntimeError):
+    """Non-finite gradients or parameters: too many skipped updates, or weights that must not be published."""
 
 
 @dataclasses.dataclass
@@ -81,6 +85,11 @@ class RLTrainer:
 
         from minpro_megatron.learner.learner import Learner
 
+        from minpro_megatron.slurm.preemption import StopRequest
+
+        # A SIGTERM / stop file during init and warm start is recorded and honoured at the next check
+        # (after the engine is up, and after every warm-start step) instead of being lost.
+        self.stop = StopRequest.install()
         self.cfg = cfg
         self.ps = ps
         self.rank = dist.get_rank()
@@ -98,12 +107,20 @@ class RLTrainer:
             from minpro_megatron.convert.hf_config import resolve_model_config
 
             cfg.model = resolve_model_config(cfg.model)
+        cfg.validate(world_size=dist.get_world_size())  # batch vs DP etc. before any server boots
         self.tokenizer = load_tokenizer(cfg)
         self.eos_id = int(self.tokenizer.eos_token_id)
         self.bos_id = self.tokenizer.bos_token_id
         t = cfg.train
         self.learner = Learner(cfg, total_updates=t.steps * t.updates_per_batch)
         train, evals = load_dataset_pair(cfg.data, t.seed)
+        # tokenized now: a prompt the servers cannot take (HTTP 400) is dropped and counted, not fatal later
+        limit = cfg.model.max_position_embeddings - cfg.rollout.max_new_tokens
+        train, notes = drop_overlong(train, self.encode_prompt, limit, "train")
+        evals, eval_notes = drop_overlong(evals, self.encode_prompt, limit, "eval")
+        self.dropped_rows = len(notes) + len(eval_notes)
+        if self.dropped_rows and self.rank == 0:
+            print(f"dropped {self.dropped_rows} over-long dataset row(s): {'; '.join((notes + eval_notes)[:5])}", flush=True)
         self.stream = PromptStream(train, seed=t.seed)
         self.eval_problems = evals
         st = cfg.rollout.staleness
@@ -113,6 +130,10 @@ class RLTrainer:
         )
         self.rl_step = 0
         self.warm_started = t.warm_start_steps == 0
+        self.warm_step = 0  # warm-start updates done (a stop during the warm start saves and resumes from here)
+        self.skipped_updates = 0  # updates skipped for a non-finite gradient (all time)
+        self.skipped_in_row = 0
+        self._saved_step: int | None = None
         self.sampling = SamplingParams(
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
@@ -136,9 +157,11 @@ class RLTrainer:
         if self._engine_state is not None:
             self.engine.load_state_dict(self._engine_state)
         self._inflight: list[tuple[int | None, Any]] = []  # (target step or None for the buffer, started rollout)
+        # A resumed run keeps everything up to its checkpoint's step R (R's own points included) and drops
+        # what a killed run logged after it; a fresh run starts the logs over.
         self.writer = MetricsWriter(
             self.out_dir / "tb", enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
-            purge_step=self.rl_step if resumed else None,
+            keep_through=self.rl_step if resumed else None,
             wandb=({"project": cfg.logging.wandb_project or "minpro", "name": self.out_dir.name, "config": to_dict(cfg),
                     "dir": str(self.out_dir)} if cfg.logging.wandb else None),
         )
@@ -281,8 +304,9 @@ class RLTrainer:
         update_metrics: list[dict[str, float]] = []
         for u in range(k):
             r = self.learner.train_step(samples[u * per : (u + 1) * per])
+            self._count_update(r.update_successful)
             m = {f"loss/{name}": v for name, v in r.metrics.items()}
-            m.update({"optim/grad_norm": r.grad_norm, "optim/lr": r.lr})
+            m.update({"optim/grad_norm": r.grad_norm, "optim/lr": r.lr, "optim/update_skipped": float(not r.update_successful)})
             update_metrics.append(m)
         train_s = time.perf_counter() - t1
         for target, started in self._inflight:  # generated by this step's weights: join before the sync
@@ -305,6 +329,7 @@ class RLTrainer:
         sync = self.engine.update_weights(self.rl_step)
         sync_s = time.perf_counter() - t2
         metrics.update(_mean_dicts(update_metrics))
+        metrics["optim/skipped_updates"] = float(self.skipped_updates)
         if k > 1:  # the first update's ratio statistics show staleness alone (before this step's own drift)
             metrics.update({f"loss_first_update/{n[5:]}": v for n, v in update_metrics[0].items() if n.startswith("loss/")})
         metrics.update(self._rollout_metrics(groups))
@@ -348,6 +373,24 @@ class RLTrainer:
             ))
         return rows
 
+    def _count_update(self, ok: bool) -> None:
+        """Count a skipped (non-finite) update; too many in a row end the run on every rank (the flag is
+        the same on all ranks: Learner all-reduces it)."""
+        if ok:
+            self.skipped_in_row = 0
+            return
+        self.skipped_updates += 1
+        self.skipped_in_row += 1
+        if self.rank == 0:
+            log.warning("non-finite gradient: update skipped (%d in a row, %d in all)", self.skipped_in_row, self.skipped_updates)
+        limit = self.cfg.train.max_nonfinite_skips
+        if self.skipped_in_row > limit:
+            raise NonFiniteError(
+                f"{self.skipped_in_row} updates in a row had non-finite gradients (skipped; parameters are unchanged "
+                f"since the last good update) at RL step {self.rl_step}: more than train.max_nonfinite_skips={limit}. "
+                "Lower optim.lr, check the data and rewards, or resume from the last checkpoint"
+            )
+
     def _batch_digest(self, samples: Sequence[TrainSample]) -> float:
         """A 32-bit digest of the trained tokens of all DP ranks (equal batches -> equal digests): makes
         "the resumed run trains on the same batch" checkable from the logs."""
@@ -389,25 +432,42 @@ class RLTrainer:
         return out
 
     # ---- warm start and evaluation -----------------------------------------------------------------------
-    def warm_start(self) -> None:
-        """Supervised steps on correct answers so the reward is not zero when RL starts."""
+    def warm_start(self) -> bool:
+        """Supervised steps on correct answers so the reward is not zero when RL starts. Logged on its own
+        step axis (TensorBoard run tb/warm_start). Returns False when a stop request ended it early (a
+        checkpoint then holds the warm-start position)."""
         t = self.cfg.train
         if self.warm_started:
-            return
+            return True
         from rich.progress import Progress
 
-        with Progress(disable=self.rank != 0) as progress:
-            task = progress.add_task("warm start (supervised)", total=t.warm_start_steps)
-            for i in range(t.warm_start_steps):
-                problems = self._my_share(self.stream.take(t.rollout_batch_size * t.group_size // t.updates_per_batch))
-                shard = [self._sft_sample(p) for p in problems]
-                r = self.learner.sft_step(shard, lr=t.warm_start_lr)
-                if self.rank == 0 and (i % 10 == 0 or i == t.warm_start_steps - 1):
-                    self.writer.scalars(i, {"warm_start/nll": r.metrics.get("loss", math.nan), "warm_start/grad_norm": r.grad_norm})
-                progress.advance(task)
+        writer = MetricsWriter(self.out_dir / "tb" / "warm_start", enabled=self.rank == 0,
+                               tensorboard=self.cfg.logging.tensorboard, keep_through=self.warm_step - 1 if self.warm_step else None)
+        try:
+            with Progress(disable=self.rank != 0) as progress:
+                task = progress.add_task("warm start (supervised)", total=t.warm_start_steps, completed=self.warm_step)
+                while self.warm_step < t.warm_start_steps:
+                    i = self.warm_step
+                    problems = self._my_share(self.stream.take(t.rollout_batch_size * t.group_size // t.updates_per_batch))
+                    shard = [self._sft_sample(p) for p in problems]
+                    r = self.learner.sft_step(shard, lr=t.warm_start_lr)
+                    self._count_update(r.update_successful)
+                    self.warm_step += 1
+                    if self.rank == 0 and (i % 10 == 0 or i == t.warm_start_steps - 1):
+                        writer.scalars(i, {"warm_start/nll": r.metrics.get("loss", math.nan), "warm_start/grad_norm": r.grad_norm})
+                    progress.advance(task)
+                    if self.warm_step < t.warm_start_steps and self.stop.should_stop():
+                        if self.rank == 0:
+                            print(f"stop requested ({self.stop.reason}) during the warm start: saving at warm-start step "
+                                  f"{self.warm_step}", flush=True)
+                        self.save()
+                        return False
+        finally:
+            writer.close()
         self.learner.restore_scheduled_lr()
         self.warm_started = True
         self.engine.update_weights(self.rl_step)  # the rollout engine must serve the warm-started policy
+        return True
 
     def _sft_sample(self, p: Problem) -> TrainSample:
         prompt = self.encode_prompt(p)
@@ -435,6 +495,9 @@ class RLTrainer:
         state: dict[str, Any] = {
             "rl_step": self.rl_step,
             "warm_started": self.warm_started,
+            "warm_step": self.warm_step,
+            "skipped_updates": self.skipped_updates,
+            "skipped_in_row": self.skipped_in_row,
             "stream": self.stream.state_dict(),
             "engine": self.engine.state_dict(),
         }
@@ -458,14 +521,20 @@ class RLTrainer:
         return {"model_config": to_dict(m), "hf_config": hf_config,
                 "tokenizer": m.tokenizer_path or m.hf_path or BUILTIN_TOKENIZER}
 
-    def save(self) -> Path:
-        from minpro_megatron.learner.checkpoint import save_checkpoint
+    def save(self) -> Path | None:
+        """Checkpoint at the current RL step, once (a stop request at a save step does not save twice)."""
+        from minpro_megatron.learner.checkpoint import checkpoint_path, save_checkpoint
 
-        return save_checkpoint(
-            self.learner, self.ckpt_dir, extra={"rl_step": self.rl_step, **self.model_metadata()},
-            keep_last=self.cfg.checkpoint.keep_last,
-            rank_state=self.rank_state(), iteration=self.rl_step,
+        if self._saved_step == self.rl_step and self.warm_started:
+            return checkpoint_path(self.ckpt_dir, self.rl_step)
+        if not self.learner.params_finite():  # collective
+            raise NonFiniteError(f"the learner's parameters are not finite at RL step {self.rl_step}: not saving them")
+        path = save_checkpoint(
+            self.learner, self.ckpt_dir, extra={"rl_step": self.rl_step, "config": to_dict(self.cfg), **self.model_metadata()},
+            keep_last=self.cfg.checkpoint.keep_last, rank_state=self.rank_state(), iteration=self.rl_step,
         )
+        self._saved_step = self.rl_step
+        return path
 
     def _maybe_resume(self) -> bool:
         from minpro_megatron.learner.checkpoint import latest_iteration, load_checkpoint, load_rank_state
@@ -479,6 +548,11 @@ class RLTrainer:
             if self.cfg.checkpoint.load:
                 raise FileNotFoundError(f"checkpoint.load={str(root)!r} holds no checkpoint (no latest_checkpointed_iteration.txt)")
             return False
+        from minpro_megatron.learner.checkpoint import read_common
+        from minpro_megatron.resume_check import check_resume_config
+
+        path, common = read_common(root)
+        check_resume_config((common.get("extra") or {}).get("config"), to_dict(self.cfg), str(path))
         extra = load_checkpoint(self.learner, root)
         state = load_rank_state(root)
         if state is None:
@@ -488,6 +562,10 @@ class RLTrainer:
             return True
         self.rl_step = int(state["rl_step"])
         self.warm_started = bool(state["warm_started"])
+        self.warm_step = int(state.get("warm_step", self.cfg.train.warm_start_steps if self.warm_started else 0))
+        self.skipped_updates = int(state.get("skipped_updates", 0))
+        self.skipped_in_row = int(state.get("skipped_in_row", 0))
+        self._saved_step = self.rl_step if self.warm_started else None
         self.stream.load_state_dict(state["stream"])
         self._engine_state = state["engine"]
         if self.schedule is not None and "pending" in state:
@@ -520,13 +598,17 @@ class RLTrainer:
     def run(self) -> dict[str, float]:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from minpro_megatron.slurm.preemption import StopRequest
-
         cfg = self.cfg
-        stop = StopRequest.install()  # Slurm preemption / time limit: save and exit cleanly
-        self.warm_start()
+        stop = self.stop  # installed in __init__: a request during init or warm start counts too
+        if stop.should_stop():
+            if self.rank == 0:
+                print(f"stop requested ({stop.reason}) during start-up: exiting at RL step {self.rl_step}", flush=True)
+            return {}
+        if not self.warm_start():
+            self.writer.flush()
+            return {}
         if self.rl_step == 0:
-            self._log(0, self.evaluate())
+            self._log(0, {**self.evaluate(), "data/dropped_overlong_rows": float(self.dropped_rows)})
         last: dict[str, float] = {}
         columns = [TextColumn("[bold]RL[/] {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[info]}")]
@@ -543,13 +625,13 @@ class RLTrainer:
                 if stop.should_stop():
                     if self.rank == 0:
                         print(f"stop requested ({stop.reason}): saving at RL step {self.rl_step}", flush=True)
-                    self.save()
+                    self.save()  # no-op when this step was just saved
                     break
                 progress.update(task, completed=self.rl_step, info=(
                     f"reward {metrics['rollout/reward_mean']:.3f} acc {metrics['rollout/accuracy']:.3f} "
                     f"step {metrics['time/step_s']:.2f}s"))
-        if cfg.checkpoint.save_interval and self.rl_step % cfg.checkpoint.save_interval:
-            self.save()
+        if cfg.checkpoint.save_interval:
+            self.save()  # the final step (a no-op when it was saved above, or when resuming a finished run)
         self.writer.flush()
         return last
 

@@ -118,35 +118,51 @@ class HFCheckpoint:
 
 
 def write_safetensors_shards(buckets: Iterable[Sequence[tuple[str, torch.Tensor]]], out_dir: str | Path) -> dict[str, str]:
-    """One safetensors file per bucket; returns the weight map {tensor name: file name}."""
+    """One safetensors file per bucket; returns the weight map {tensor name: file name}.
+
+    Write-then-rename: every shard is written (and fsync'd) under a temporary name first; the weights
+    already in ``out_dir`` are replaced only once the whole new set exists, so a failure or a kill during
+    the (long) export leaves the previous weights intact."""
     from safetensors.torch import save_file
+
+    from minpro_megatron.atomic_io import atomic_write_text, fsync_dir
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("model*.safetensors")) + [out / _INDEX]:
-        if old.exists():
-            old.unlink()
     tmp: list[tuple[Path, list[str]]] = []
     seen: set[str] = set()
     total = 0
-    for i, bucket in enumerate(buckets):
-        names = [n for n, _ in bucket]
-        dup = seen.intersection(names)
-        if dup or len(set(names)) != len(names):
-            raise HFWeightsError(f"tensors written twice: {sorted(dup) or names}")
-        seen.update(names)
-        path = out / f".partial-{i:05d}.safetensors"
-        save_file({n: t.detach().contiguous() for n, t in bucket}, str(path), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for _, t in bucket)
-        tmp.append((path, names))
+    try:
+        for i, bucket in enumerate(buckets):
+            names = [n for n, _ in bucket]
+            dup = seen.intersection(names)
+            if dup or len(set(names)) != len(names):
+                raise HFWeightsError(f"tensors written twice: {sorted(dup) or names}")
+            seen.update(names)
+            path = out / f".partial-{os.getpid()}-{i:05d}.safetensors"
+            tmp.append((path, names))
+            save_file({n: t.detach().contiguous() for n, t in bucket}, str(path), metadata={"format": "pt"})
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            total += sum(t.numel() * t.element_size() for _, t in bucket)
+    except BaseException:
+        for path, _ in tmp:
+            path.unlink(missing_ok=True)
+        raise
     weight_map: dict[str, str] = {}
     n = len(tmp)
-    for i, (path, names) in enumerate(tmp):
-        final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    finals = ["model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for (path, names), final in zip(tmp, finals):
         os.replace(path, out / final)
         weight_map.update({name: final for name in names})
     if n > 1:
-        (out / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        atomic_write_text(out / _INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    else:
+        (out / _INDEX).unlink(missing_ok=True)
+    for old in out.glob("model*.safetensors"):  # shards of an earlier write with another shard count
+        if old.name not in finals:
+            old.unlink()
+    fsync_dir(out)
     return weight_map
 
 

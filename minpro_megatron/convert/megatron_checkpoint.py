@@ -53,11 +53,15 @@ def save_model_checkpoint(
 
     from minpro_megatron.parallel.cpu_compat import cuda_literals_to_cpu
 
+    from minpro_megatron.atomic_io import atomic_write_text, fsync_dir, fsync_tree
+
+    # Write-then-rename: into iter_N.tmp; an existing iter_N is replaced only once the new one is complete.
     path = checkpoint_path(root, iteration)
+    tmp = Path(root) / (path.name + ".tmp")
     if _rank() == 0:
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     _barrier()
     state: dict[str, Any] = model_sharded_state_dict(list(model_chunks))
     state["step"] = iteration
@@ -68,12 +72,20 @@ def save_model_checkpoint(
     }
     state["extra"] = {"model_config": to_dict(model), "hf_config": hf_config}
     with cuda_literals_to_cpu():
-        dist_checkpointing.save(state, str(path))
+        dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank() == 0:
-        tmp = Path(root) / (TRACKER + ".tmp")
-        tmp.write_text(str(iteration))
-        os.replace(tmp, Path(root) / TRACKER)
+        fsync_tree(tmp)
+        old = Path(root) / (path.name + ".old")
+        if path.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_dir(root)
+        atomic_write_text(Path(root) / TRACKER, str(iteration))
+        if old.exists():
+            shutil.rmtree(old)
     _barrier()
     return path
 

@@ -9,15 +9,18 @@ and the field, with the fix. ``PromptStream`` hands out prompts epoch by epoch i
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from minpro_megatron.config_base import UserError
 from minpro_megatron.data.tasks import SYNTHETIC_TASKS, Problem, task_split
 
-__all__ = ["DatasetError", "load_problems", "PromptStream", "load_dataset_pair"]
+__all__ = ["DatasetError", "load_problems", "PromptStream", "load_dataset_pair", "drop_overlong"]
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError, UserError):
@@ -79,7 +82,29 @@ def _row(path: Path, where: str, row: Any, prompt_key: str, answer_key: str, sou
     source = row.get(source_key, default_source)
     if not isinstance(source, str):
         raise DatasetError(f"{path} {where}: field {source_key!r} must be a string, got {source!r}")
-    return Problem(prompt, answer.strip(), source)
+    return Problem(prompt, answer.strip(), source, origin=f"{path} {where}")
+
+
+def drop_overlong(
+    problems: Sequence[Problem], encode: Callable[[Problem], Sequence[int]], max_prompt_tokens: int, what: str
+) -> tuple[list[Problem], list[str]]:
+    """Tokenize every prompt now and drop those longer than ``max_prompt_tokens`` (a server answers them
+    with HTTP 400, which would end the run mid-way). Returns (kept, one warning per dropped row, naming the
+    file and row); raises DatasetError when nothing is left."""
+    kept: list[Problem] = []
+    notes: list[str] = []
+    for i, p in enumerate(problems):
+        n = len(encode(p))
+        if n > max_prompt_tokens:
+            notes.append(f"{p.origin or f'{what} problem {i}'}: prompt of {n} tokens is longer than the {max_prompt_tokens} "
+                         "the context allows (model.max_position_embeddings - rollout.max_new_tokens); row dropped")
+            log.warning(notes[-1])
+        else:
+            kept.append(p)
+    if problems and not kept:
+        raise DatasetError(f"every {what} prompt is longer than {max_prompt_tokens} tokens (model.max_position_embeddings - "
+                           "rollout.max_new_tokens); raise model.max_position_embeddings or lower rollout.max_new_tokens")
+    return kept, notes
 
 
 def load_dataset_pair(data_cfg: Any, seed: int) -> tuple[list[Problem], list[Problem]]:

@@ -10,7 +10,7 @@ Train and eval sets are disjoint: a fixed, seeded hold-out of problems never app
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["Problem", "arithmetic_problems", "sorting_problems", "reverse_problems", "task_split", "SYNTHETIC_TASKS"]
 
@@ -22,6 +22,7 @@ class Problem:
     prompt: str
     answer: str
     data_source: str
+    origin: str = field(default="", compare=False)  # "FILE line N" for rows read from a file (for messages)
 
 
 def arithmetic_problems() -> list[Problem]:

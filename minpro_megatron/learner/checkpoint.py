@@ -13,8 +13,10 @@ layout loads into another. RNG states are per rank: they are restored only when 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -35,11 +37,15 @@ __all__ = [
     "model_sharded_state_dict",
     "CheckpointError",
     "load_rank_state",
+    "read_common",
+    "verify_complete",
 ]
 
 log = logging.getLogger(__name__)
 
 _TRACKER = "latest_checkpointed_iteration.txt"
+_MANIFEST = "minpro_complete.json"  # written last into iter_N.tmp: which per-rank files the save produced
+_ITER_DIR = re.compile(r"iter_\d{7}")
 # Layout-independent optimizer tensors: the canonical per-parameter form, named by parameter, without
 # the "chained_<i>." prefix that would tie them to how many optimizers this layout chains.
 _OPTIM_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
@@ -129,31 +135,98 @@ def save_checkpoint(
 ) -> Path:
     """Save under ``root`` at ``iteration`` (default ``learner.step``). ``extra``: state shared by all
     ranks (from rank 0); ``rank_state``: this rank's own state (plain types and tensors), one file per
-    rank. The tracker file is written last, so a run killed mid-save resumes from the previous one."""
+    rank.
+
+    Crash-safe: everything is written into ``iter_N.tmp``, fsync'd, renamed to ``iter_N``, and only then
+    does the tracker (written atomically, fsync'd) name it; the iteration the tracker names is never
+    deleted or rewritten (saving it again is a no-op). A kill at any moment leaves the previous complete
+    checkpoint tracked."""
     from megatron.core import dist_checkpointing
 
+    from minpro_megatron.atomic_io import atomic_write_text, fsync_dir, fsync_tree
+    from minpro_megatron.parallel.json_collectives import broadcast_json
+
     iteration = learner.step if iteration is None else iteration
+    root = Path(root)
     path = checkpoint_path(root, iteration)
+    tmp = root / (path.name + ".tmp")
+    # rank 0 decides for everyone (ranks on other nodes may see a stale view of a shared filesystem)
+    tracked = broadcast_json(_tracked_or_none(root) if dist.get_rank() == 0 else None, src=0)
+    if tracked == iteration:
+        log.info("checkpoint %s is already the tracked one: not saved again", path)
+        return path
     if dist.get_rank() == 0:
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
+        if tmp.exists():  # a save killed earlier
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     dist.barrier()
     _ensure_optimizer_state(learner.optimizer)  # a learner that has not stepped yet has no Adam state
     with _cpu_mode():
-        dist_checkpointing.save(_full_state(learner, is_loading=False, with_rng=True, extra=extra), str(path))
+        dist_checkpointing.save(_full_state(learner, is_loading=False, with_rng=True, extra=extra), str(tmp))
     if rank_state is not None:
-        torch.save(rank_state, path / f"rank_state_{dist.get_rank():05d}.pt")
+        with open(tmp / _rank_file(dist.get_rank()), "wb") as f:
+            torch.save(rank_state, f)
+            f.flush()
+            os.fsync(f.fileno())
     dist.barrier()
     if dist.get_rank() == 0:
-        # The tracker is written last, atomically: a run killed mid-save resumes from the previous one.
-        tmp = Path(root) / (_TRACKER + ".tmp")
-        tmp.write_text(str(iteration))
-        os.replace(tmp, Path(root) / _TRACKER)
+        manifest = {"iteration": iteration, "world": dist.get_world_size(), "rank_states": rank_state is not None}
+        (tmp / _MANIFEST).write_text(json.dumps(manifest))
+        fsync_tree(tmp)
+        if path.exists():  # an untracked leftover (killed between rename and tracker update)
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        fsync_dir(root)
+        atomic_write_text(root / _TRACKER, str(iteration))  # the commit point
         if keep_last:
-            _prune(Path(root), keep_last)
+            _prune(root, keep_last, tracked=iteration)
     dist.barrier()
     return path
+
+
+def _tracked_or_none(root: Path) -> int | None:
+    try:
+        return latest_iteration(root)
+    except CheckpointError:
+        return None
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_state_{rank:05d}.pt"
+
+
+def verify_complete(path: str | Path, common: dict | None = None) -> None:
+    """Raise CheckpointError when ``path`` lacks a file its writer produced (a per-rank state file): ranks
+    that resumed from different states would disagree on the data position."""
+    path = Path(path)
+    manifest_file = path / _MANIFEST
+    if manifest_file.is_file():
+        m = json.loads(manifest_file.read_text())
+        world, expected = int(m["world"]), bool(m["rank_states"])
+    else:  # written before the manifest existed: judge by the files themselves
+        world = int(((common or {}).get("layout") or {}).get("world", 0))
+        expected = any(path.glob("rank_state_*.pt"))
+    if expected:
+        missing = [_rank_file(r) for r in range(world) if not (path / _rank_file(r)).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                f"missing (it was saved by {world} ranks); restore the file(s) or point {_TRACKER} at an "
+                "earlier complete iteration"
+            )
+
+
+def read_common(root: str | Path, iteration: int | None = None) -> tuple[Path, dict]:
+    """(checkpoint directory, its common state: scheduler, step, layout, extra) without loading tensors."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root) if iteration is None else iteration
+    if iteration is None:
+        raise CheckpointError(f"no checkpoint under {root}: {_TRACKER} is missing")
+    path = checkpoint_path(root, iteration)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist (tracker says iteration {iteration})")
+    return path, dist_checkpointing.load_common_state_dict(str(path))
 
 
 def load_checkpoint(
@@ -167,13 +240,8 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    iteration = latest_iteration(root) if iteration is None else iteration
-    if iteration is None:
-        raise CheckpointError(f"no checkpoint under {root}: {_TRACKER} is missing")
-    path = checkpoint_path(root, iteration)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist (tracker says iteration {iteration})")
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    path, common = read_common(root, iteration)
+    verify_complete(path, common)
     same_layout = common.get("layout") == _layout_signature()
     if not same_layout:
         log.warning("checkpoint %s was saved with layout %s; this run is %s: RNG states are not restored",
@@ -206,7 +274,7 @@ def load_checkpoint(
     else:  # bf16/fp16 models keep fp32 main copies in the optimizer: refresh them from the loaded weights
         learner.optimizer.reload_model_params()
     if load_optimizer and "scheduler" in common:  # model-only checkpoints (tools/convert_hf_to_megatron) have none
-        learner.scheduler.load_state_dict(common["scheduler"])
+        learner.scheduler.load_state_dict(_scheduler_state_for(learner.scheduler, common["scheduler"]))
         learner.step = int(common["step"])
     return dict(common.get("extra") or {})
 
@@ -220,7 +288,8 @@ def load_rank_state(root: str | Path, iteration: int | None = None) -> dict | No
 
     path = checkpoint_path(root, iteration)
     common = dist_checkpointing.load_common_state_dict(str(path))
-    f = path / f"rank_state_{dist.get_rank():05d}.pt"
+    verify_complete(path, common)
+    f = path / _rank_file(dist.get_rank())
     if common.get("layout") != _layout_signature() or not f.is_file():
         return None
     return torch.load(f, weights_only=True)
@@ -304,7 +373,27 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    iters = sorted(p for p in root.glob("iter_*") if p.is_dir())
+def _prune(root: Path, keep_last: int, tracked: int) -> None:
+    """Keep the newest ``keep_last`` complete iterations (always the tracked one); drop stale ``.tmp`` saves."""
+    iters = sorted(p for p in root.glob("iter_*") if p.is_dir() and _ITER_DIR.fullmatch(p.name))
     for old in iters[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != checkpoint_path(root, tracked).name:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("iter_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _scheduler_state_for(scheduler: Any, saved: dict) -> dict:
+    """The saved LR-scheduler state with the horizon fields taken from this run's scheduler.
+
+    megatron's OptimizerParamScheduler.load_state_dict asserts that every saved hyper-parameter equals the
+    class value; the decay/increment horizons follow from train.steps, which a resumed run may raise
+    (extending a run). Those are taken from this run; the step count (num_steps) and the learning rates
+    come from the checkpoint (a changed optim.lr is refused earlier, by the resume config check)."""
+    state = dict(saved)
+    for key in ("lr_decay_steps", "decay_steps", "wd_incr_steps"):
+        if key in state:
+            own = getattr(scheduler, key if key != "decay_steps" else "lr_decay_steps", None)
+            if own is not None:
+                state[key] = own
+    return state

@@ -41,14 +41,17 @@ def init_distributed(
     *,
     seed: int | None = None,
     backend: str | None = None,
-    timeout_minutes: int = 10,
+    timeout_minutes: float | None = None,
     create_gloo_process_groups: bool = True,
 ) -> DistributedContext:
     """Initialise the default process group (unless already up) and megatron's model-parallel groups.
 
     ``seed`` seeds torch and megatron's RNG tracker (``model_parallel_cuda_manual_seed``): with
-    ``use_cpu_initialization`` every layout then gets the same full weights.
+    ``use_cpu_initialization`` every layout then gets the same full weights. ``timeout_minutes``
+    (default: ``parallel.collective_timeout_s``) bounds every collective of the job.
     """
+    if timeout_minutes is None:
+        timeout_minutes = parallel.collective_timeout_s / 60.0
     cuda = torch.cuda.is_available()
     if not cuda:
         from minpro_megatron.parallel.cpu_compat import apply_cpu_compat

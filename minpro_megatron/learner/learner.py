@@ -228,7 +228,7 @@ class Learner:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self._run_schedule(mbs, loss_fn, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm = self._guarded_optimizer_step()
         if ok:
             self.scheduler.step(increment=1)
         self.step += 1
@@ -263,11 +263,51 @@ class Learner:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self._run_schedule(mbs, loss_fn, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm = self._guarded_optimizer_step()
         self.step += 1
         metrics = self._share_from_last_stage(combine_microbatch_metrics(reports) if self.is_last_stage else None)
         return StepResult(self.step, float(grad_norm) if grad_norm is not None else math.nan,
                           float(self.optimizer.param_groups[0]["lr"]), bool(ok), metrics)
+
+    def _guarded_optimizer_step(self) -> tuple[bool, Any]:
+        """optimizer.step() unless any rank holds a non-finite gradient: then the update is skipped (grads
+        zeroed, parameters and Adam state untouched) and (False, nan) returned on every rank.
+
+        Without this, a NaN gradient passes through clipping (NaN norm -> NaN scale) into the parameters:
+        megatron's own overflow check covers only fp16 loss scaling."""
+        if not self._grads_finite():
+            for m in self.model:
+                m.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            return False, math.nan
+        ok, grad_norm, _ = self.optimizer.step()
+        return bool(ok), grad_norm
+
+    def _all_ranks_ok(self, local_ok: bool) -> bool:
+        flag = torch.tensor([0.0 if local_ok else 1.0], device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return float(flag.item()) == 0.0
+
+    def _grads_finite(self) -> bool:
+        """Collective over all ranks: every gradient (the DDP main_grad buffers) is finite."""
+        ok = True
+        for m in self.model:
+            for p in m.parameters():
+                g = getattr(p, "main_grad", None)
+                g = p.grad if g is None else g
+                if g is not None and not bool(torch.isfinite(g).all()):
+                    ok = False
+                    break
+            if not ok:
+                break
+        return self._all_ranks_ok(ok)
+
+    def params_finite(self) -> bool:
+        """Collective over all ranks: every parameter of the model is finite (checked before weights are
+        published to rollout servers or written to a checkpoint)."""
+        ok = all(bool(torch.isfinite(p).all()) for m in self.model for p in m.parameters())
+        return self._all_ranks_ok(ok)
 
     def restore_scheduled_lr(self) -> None:
         """Re-apply the LR schedule's current rate (after sft_step overrode it)."""

@@ -22,15 +22,20 @@ def read_wall_span(log_dir: str | Path) -> tuple[float, float] | None:
 
 
 def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} from every event file under ``log_dir`` (later writes win per step)."""
+    """{tag: [(step, value), ...]} from every event file under ``log_dir`` and its direct subdirectories
+    (e.g. tb/warm_start, a separate step axis; later writes win per step)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
     out: dict[str, list[tuple[int, float]]] = {}
-    for tag in acc.Tags().get("scalars", []):
-        by_step = {e.step: e.value for e in acc.Scalars(tag)}
-        out[tag] = sorted(by_step.items())
+    dirs = [Path(log_dir)] + sorted(p for p in Path(log_dir).glob("*") if p.is_dir() and any(p.glob("events.out.tfevents*")))
+    for d in dirs:
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            if tag in out:
+                continue  # the top-level run wins
+            by_step = {e.step: e.value for e in acc.Scalars(tag)}
+            out[tag] = sorted(by_step.items())
     return out
 
 

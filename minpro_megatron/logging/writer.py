@@ -4,6 +4,10 @@ Every metric the trainer produces goes through ``MetricsWriter.scalars``; names 
 (e.g. "loss/clip_frac_high", "rollout/reward_mean"). Non-finite values are written too (TensorBoard
 shows them as gaps), so a NaN is visible instead of silently dropped. Internal metrics ("debug/...", e.g.
 the batch digest that makes resume checkable) go to metrics.jsonl only.
+
+Resuming: ``keep_through=R`` keeps every point up to step R (the checkpoint's step, whose own points are
+already logged) and drops what a killed run logged after it, in TensorBoard (purge from R + 1) and in
+metrics.jsonl (rows above R removed, rewritten atomically). ``keep_through=None`` starts the logs over.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ __all__ = ["MetricsWriter"]
 
 
 class MetricsWriter:
-    def __init__(self, log_dir: str | Path, enabled: bool = True, tensorboard: bool = True, purge_step: int | None = None,
+    def __init__(self, log_dir: str | Path, enabled: bool = True, tensorboard: bool = True, keep_through: int | None = None,
                  wandb: dict | None = None) -> None:
         self.enabled = enabled
         self.log_dir = Path(log_dir)
@@ -34,9 +38,12 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events at or after the resume step left by a killed run, so curves do not fork.
-            self._tb = SummaryWriter(str(self.log_dir), purge_step=purge_step)
-        self._jsonl = open(self.log_dir / "metrics.jsonl", "a")
+            # events at steps > keep_through written before (by a killed run) are dropped when read back
+            purge = 0 if keep_through is None else keep_through + 1
+            self._tb = SummaryWriter(str(self.log_dir), purge_step=purge)
+        jsonl = self.log_dir / "metrics.jsonl"
+        _truncate_jsonl(jsonl, keep_through)
+        self._jsonl = open(jsonl, "a")
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -77,3 +84,21 @@ class MetricsWriter:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+
+
+def _truncate_jsonl(path: Path, keep_through: int | None) -> None:
+    """Keep the rows with step <= keep_through (none when None); atomic, so a kill cannot lose the rest."""
+    if not path.exists():
+        return
+    from minpro_megatron.atomic_io import atomic_write_text
+
+    kept = []
+    if keep_through is not None:
+        for line in path.read_text().splitlines():
+            try:
+                step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line cut by a kill
+            if isinstance(step, int) and step <= keep_through:
+                kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

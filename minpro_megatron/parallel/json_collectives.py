@@ -40,9 +40,10 @@ def broadcast_json(obj: Any, src: int, group: dist.ProcessGroup | None = None) -
     """``obj`` of global rank ``src`` on every rank of ``group`` (others pass anything, e.g. None)."""
     if dist.get_world_size(group) == 1:
         return obj
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
     data = _encode(obj) if dist.get_rank() == src else torch.empty(0, dtype=torch.uint8)
-    size = torch.tensor([data.numel()], dtype=torch.int64)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=dev)
     dist.broadcast(size, src=src, group=group)
-    buf = data if dist.get_rank() == src else torch.empty(int(size), dtype=torch.uint8)
+    buf = data.to(dev) if dist.get_rank() == src else torch.empty(int(size), dtype=torch.uint8, device=dev)
     dist.broadcast(buf, src=src, group=group)
-    return _decode(buf)
+    return _decode(buf.cpu())

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Iterable
 from minpro_megatron.rollout.auth import check_fleet_auth, resolve_api_key
 from minpro_megatron.rollout.client import RolloutClient
 from minpro_megatron.rollout.control import ServerControl
+from minpro_megatron.rollout.orphans import PidFile
 from minpro_megatron.rollout.router import RouterAdmin, RouterProcess
 from minpro_megatron.rollout.server import ServerLaunchSpec, ServerPool, SGLangServer
 from minpro_megatron.weights.buckets import Bucket
-from minpro_megatron.weights.sync import SyncResult, WeightSync
+from minpro_megatron.weights.sync import SyncResult, WeightSync, WeightSyncError
 from minpro_megatron.weights.transports import DiskTransport, DistributedTransport, TensorTransport, Transport
 from minpro_megatron.weights.verify import LogprobProbe, LogprobReference, WeightVerificationError
 
@@ -72,10 +73,12 @@ class RolloutFleet:
         self.router_admin: RouterAdmin | None = None
         self._attached = list(cfg.server_urls)
         self._pending: set[str] = set()  # restarted servers waiting for current weights
+        self._failed_sync: set[str] = set()  # servers a failed sync left paused, possibly with mixed weights
         self._membership_changed = False  # a server restarted since the last sync (same URL, new process)
         self._clients: list[RolloutClient] = []
         self._registered: set[str] = set()  # workers this fleet added to a router
         self._lock = threading.RLock()
+        self.pid_file = PidFile(self.log_dir / "pids.json")
 
     @classmethod
     def from_config(cls, cfg: "RolloutConfig", model_path: str | Path | None, log_dir: str | Path, **kw) -> "RolloutFleet":
@@ -122,7 +125,9 @@ class RolloutFleet:
                     if not ServerControl(url, api_key=self.api_key).healthy(timeout_s=10):
                         raise ConnectionError(f"rollout.server_urls: {url}/health does not answer 200; is the server up?")
             else:
-                self.pool = ServerPool(self._specs(), self.log_dir, on_restart=self._on_restart, on_death=self._on_death)
+                self.pid_file.reap_stale()  # servers / router a SIGKILLed earlier run left holding ports
+                self.pool = ServerPool(self._specs(), self.log_dir, on_restart=self._on_restart, on_death=self._on_death,
+                                       pid_file=self.pid_file)
                 ready = self.pool.start()
                 log.info("SGLang servers ready: %s", {u: f"{t:.1f}s" for u, t in ready.items()})
             if self.cfg.router_url:
@@ -131,7 +136,7 @@ class RolloutFleet:
                 c = self.cfg
                 self.router = RouterProcess(
                     self.log_dir / "router.log", host=c.host, port=None if c.router_port == 0 else c.router_port,
-                    policy=c.router_policy, api_key=self.api_key,
+                    policy=c.router_policy, api_key=self.api_key, pid_file=self.pid_file,
                 )
                 self.router.start()
                 self.router_admin = RouterAdmin(self.router.url, api_key=self.api_key)
@@ -285,15 +290,40 @@ class RolloutFleet:
                 sync.transport.close(sync.servers)
                 self._membership_changed = False
         sync.set_servers(self.server_urls)
+        with self._lock:
+            failed = sorted(self._failed_sync)
+        if failed:  # paused by the failed sync (and unhealthy so): un-pause them, out of generation, to retry
+            for control in sync.servers:
+                if control.url in failed:
+                    control.resume()
         try:
             result = sync.sync(buckets, step, reference)
         except WeightVerificationError:  # the servers hold (and are labelled with) step's weights regardless
             self._set_version(step)
             raise
+        except WeightSyncError:
+            # a push that failed partway leaves some buckets applied: the servers may hold a mixture of two
+            # versions under the old label. Out of the router and the clients until a full sync succeeds.
+            self._hold_out([s.url for s in sync.servers])
+            raise
         self._set_version(step)
         return result
+
+    def _hold_out(self, urls: list[str]) -> None:
+        with self._lock:
+            self._failed_sync.update(urls)
+            for url in urls:
+                self._pending.add(url)
+                if self.router_admin is not None:
+                    try:
+                        self.router_admin.remove_worker(url)
+                    except Exception:  # the router may be gone too; the server stays pending either way
+                        log.exception("could not unregister %s from the router", url)
+        log.warning("weight sync failed: %s held out of generation until a full sync succeeds", urls)
+        self._refresh_clients()
 
     def _set_version(self, step: int) -> None:
         with self._lock:
             self.version = step
+            self._failed_sync.clear()
         self._admit_pending()

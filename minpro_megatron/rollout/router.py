@@ -17,6 +17,7 @@ from typing import Literal
 import requests
 
 from minpro_megatron.rollout.auth import bearer, redact, router_auth_args
+from minpro_megatron.rollout.orphans import PidFile, spawn
 from minpro_megatron.rollout.server import ServerStartError, free_port, stop_pid_tree
 
 __all__ = ["RouterProcess", "RouterAdmin", "RouterError"]
@@ -107,6 +108,7 @@ class RouterProcess:
         worker_urls: list[str] | None = None,
         extra_args: list[str] | None = None,
         api_key: str | None = None,
+        pid_file: PidFile | None = None,
     ):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"router host={host!r}: the router binds 127.0.0.1 (its default 0.0.0.0 is refused)")
@@ -117,6 +119,7 @@ class RouterProcess:
         self.extra_args = list(extra_args or [])
         self.api_key = api_key  # required on /generate and /workers, and sent to the workers
         self.log_path = Path(log_path)
+        self.pid_file = pid_file
         self.proc: subprocess.Popen | None = None
         self._stopped = True
 
@@ -141,9 +144,11 @@ class RouterProcess:
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n===== router: {' '.join(redact(self.command(), self.api_key))}\n".encode())
             logf.flush()
-            self.proc = subprocess.Popen(
+            self.proc = spawn(  # dies with this process (PR_SET_PDEATHSIG), even on SIGKILL
                 self.command(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
+        if self.pid_file is not None:
+            self.pid_file.record(self.proc.pid, f"router {self.url}")
         self._stopped = False
         t0 = time.monotonic()
         session = requests.Session()

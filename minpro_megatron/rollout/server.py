@@ -24,6 +24,7 @@ import requests
 
 from minpro_megatron.rollout.auth import bearer, is_loopback_host, write_sglang_auth_config
 from minpro_megatron.rollout.cpu_support import cpu_server_args, cuda_available, server_env, uses_standin
+from minpro_megatron.rollout.orphans import PidFile, spawn
 
 __all__ = ["ServerLaunchSpec", "SGLangServer", "ServerPool", "ServerStartError", "free_port", "stop_pid_tree"]
 
@@ -176,8 +177,9 @@ class ServerLaunchSpec:
 class SGLangServer:
     """One SGLang server process. Not thread-safe; ServerPool serialises access."""
 
-    def __init__(self, spec: ServerLaunchSpec, log_path: str | Path, name: str = "sglang"):
+    def __init__(self, spec: ServerLaunchSpec, log_path: str | Path, name: str = "sglang", pid_file: "PidFile | None" = None):
         spec.validate()
+        self.pid_file = pid_file
         self.spec = spec
         self.name = name
         self.log_path = Path(log_path)
@@ -217,7 +219,7 @@ class SGLangServer:
             banner += "===== NO CUDA: this server imports the pure-torch sgl_kernel STAND-IN (cpu_support.py)\n"
         logf.write(banner.encode())
         logf.flush()
-        self.proc = subprocess.Popen(
+        self.proc = spawn(  # dies with this process (PR_SET_PDEATHSIG), even on SIGKILL
             cmd,
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -226,6 +228,8 @@ class SGLangServer:
             start_new_session=True,  # own process group: stop() signals the group, nothing else
         )
         logf.close()
+        if self.pid_file is not None:
+            self.pid_file.record(self.proc.pid, f"{self.name} {self.url}")
         self._children = set()
         self._stopped = False
         self.starts += 1
@@ -306,11 +310,13 @@ class ServerPool:
         on_restart: Callable[[int, SGLangServer], None] | None = None,
         on_death: Callable[[int, SGLangServer], None] | None = None,
         max_restarts: int = 3,
+        pid_file: PidFile | None = None,
     ):
         if not specs:
             raise ValueError("ServerPool needs at least one ServerLaunchSpec (rollout.num_servers >= 1)")
         self.log_dir = Path(log_dir)
-        self.servers = [SGLangServer(s, self.log_dir / f"sglang_{i}.log", name=f"sglang[{i}]") for i, s in enumerate(specs)]
+        self.servers = [SGLangServer(s, self.log_dir / f"sglang_{i}.log", name=f"sglang[{i}]", pid_file=pid_file)
+                        for i, s in enumerate(specs)]
         self.on_restart = on_restart
         self.on_death = on_death
         self.max_restarts = max_restarts

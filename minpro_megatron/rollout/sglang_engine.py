@@ -24,10 +24,23 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from minpro_megatron.parallel.rank0 import broadcast_status, rank0_phase
 from minpro_megatron.rollout.transfer import broadcast_tensors, decode_groups, encode_groups, gather_prompts
 from minpro_megatron.rollout.types import SampleGroup, SamplingParams
 
 __all__ = ["SGLangEngine", "PendingGeneration"]
+
+
+def _prune_exports(root: Path, keep_last: int, keep: Path) -> None:
+    """Delete all but the newest ``keep_last`` policy_step<N> exports (never ``keep``, the one servers boot from)."""
+    import re
+    import shutil
+
+    steps = sorted((int(m.group(1)), p) for p in root.glob("policy_step*")
+                   if p.is_dir() and (m := re.fullmatch(r"policy_step(\d+)", p.name)))
+    for _, old in steps[: max(len(steps) - keep_last, 0)]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class PendingGeneration:
@@ -57,42 +70,70 @@ class SGLangEngine:
         self.bucket_bytes = cfg.rollout.bucket_mb * 2**20
         self.probe_prompt = [t for t in ([tokenizer.bos_token_id] + tokenizer.encode("12+34=", add_special_tokens=False)) if t is not None]
         self.fleet = self.client = self.sync = None
-        self._export_initial(tokenizer)
-        if self.rank == 0:
+        attach = bool(cfg.rollout.server_urls)
+        self.hf_dir: Path | None = None
+        # Attached servers get the weights by a sync (no full copy on disk per start); the disk transport
+        # still needs a directory with config.json as its template.
+        if not attach or cfg.rollout.weight_transport == "disk":
+            self._export_initial(tokenizer)
+
+        def start_fleet() -> None:
             import os
 
             from minpro_megatron.rollout.fleet import RolloutFleet
 
             if os.environ.get("MINPRO_NODE_IP"):  # set per node by launch_slurm/learner.sh: rank 0's reachable address
                 cfg.rollout.weight_sync_master_address = os.environ["MINPRO_NODE_IP"]
-
-            attach = bool(cfg.rollout.server_urls)
             self.fleet = RolloutFleet(cfg.rollout, None if attach else self.hf_dir, self.out_dir / "logs", initial_version=version)
             self.fleet.start()
             self.client = self.fleet.client(progress=False)
             self.sync = self.fleet.weight_sync()
-        dist.barrier()
-        if cfg.rollout.server_urls:  # servers the user runs: give them this policy's weights first
+
+        rank0_phase("starting the SGLang fleet", start_fleet)
+        if attach:  # servers the user runs: give them this policy's weights first
             self.update_weights(version)
 
     # ---- start-up ---------------------------------------------------------------------------------------
     def _export_initial(self, tokenizer: Any) -> None:
+        """The servers' boot weights: OUT/rollout/policy_step<N>/, written as policy_step<N>.tmp and renamed
+        (a killed start never leaves a half-written directory under the final name); only the newest
+        ``rollout.keep_exports`` exports are kept."""
         import json
+        import shutil
 
+        from minpro_megatron.atomic_io import fsync_dir, fsync_tree
         from minpro_megatron.convert.hf_config import hf_config_from_model
         from minpro_megatron.convert.hf_io import write_safetensors_shards
 
         self.hf_dir = self.out_dir / f"policy_step{self.version}"
-        buckets = self.exporter.buckets(self.bucket_bytes)
-        if self.rank == 0:
-            self.hf_dir.mkdir(parents=True, exist_ok=True)
-            write_safetensors_shards(buckets, self.hf_dir)
+        buckets = iter(self.exporter.buckets(self.bucket_bytes))
+        final = self.hf_dir
+
+        def write() -> None:
+            tmp = final.with_name(final.name + ".tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            write_safetensors_shards(buckets, tmp)
             hf_cfg = hf_config_from_model(self.cfg.model, dtype=self.cfg.rollout.server_dtype)
-            (self.hf_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-            tokenizer.save_pretrained(self.hf_dir)
-        else:
+            (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+            tokenizer.save_pretrained(tmp)
+            fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            fsync_dir(final.parent)
+            _prune_exports(final.parent, self.cfg.rollout.keep_exports, keep=final)
+
+        def drain() -> None:  # the other ranks are still gathering shards with us
             for _ in buckets:
                 pass
+
+        if self.rank == 0:
+            rank0_phase("exporting the initial policy for the servers", write, on_error=drain)
+        else:
+            drain()
+            rank0_phase("exporting the initial policy for the servers", lambda: None)
 
     # ---- generation --------------------------------------------------------------------------------------
     def _is_replica_leader(self) -> bool:
@@ -129,25 +170,17 @@ class SGLangEngine:
 
     def finish(self, pending: PendingGeneration) -> list[SampleGroup]:
         """Collective: wait for rank 0's generation and hand each rank its DP share."""
-        ok = torch.ones(1)
         ints = floats = None
         if self.rank == 0:
             assert pending.thread is not None and pending.counts is not None
             pending.thread.join()
-            if pending.error is not None:
-                ok.zero_()
-            else:
+            if pending.error is None:
                 groups, by_dp, start = pending.result or [], {}, 0
                 for d, n in enumerate(pending.counts):
                     by_dp[d] = groups[start : start + n]
                     start += n
                 ints, floats = encode_groups(by_dp)
-        if dist.get_world_size() > 1:
-            dist.broadcast(ok, src=0)
-        if not ok.item():
-            if self.rank == 0:
-                raise RuntimeError(f"SGLang rollout failed: {pending.error}") from pending.error
-            raise RuntimeError("SGLang rollout failed on rank 0 (see its log)")
+        broadcast_status("SGLang rollout", pending.error if self.rank == 0 else None)
         ints, floats = broadcast_tensors(ints, floats)
         return decode_groups(ints, floats).get(self.ps.get_data_parallel_rank(), [])
 
@@ -157,16 +190,30 @@ class SGLangEngine:
     # ---- weights -----------------------------------------------------------------------------------------
     def update_weights(self, version: int) -> dict[str, float]:
         """Collective: export the learner's weights and push them into every server as ``version``."""
-        buckets = self.exporter.buckets(self.bucket_bytes)
+        if not self.learner.params_finite():  # collective; never publish NaN/inf weights to the servers
+            raise RuntimeError(
+                f"the learner's parameters are not finite before the weight sync to step {version}: not publishing them "
+                "(see optim/skipped_updates and train.max_nonfinite_skips)"
+            )
+        buckets = iter(self.exporter.buckets(self.bucket_bytes))
         metrics: dict[str, float] = {}
-        if self.rank == 0:
+
+        def push() -> dict[str, float]:
             assert self.fleet is not None and self.sync is not None
             result = self.fleet.sync_weights(self.sync, buckets, version)
-            metrics = {"seconds": result.seconds, "bytes": float(result.bytes), "transfer_seconds": result.transfer_seconds,
-                       "bytes_per_s": result.bytes_per_s}
-        else:
+            return {"seconds": result.seconds, "bytes": float(result.bytes), "transfer_seconds": result.transfer_seconds,
+                    "bytes_per_s": result.bytes_per_s}
+
+        def drain() -> None:  # a sync that failed partway: the other ranks still gather the remaining buckets
             for _ in buckets:
                 pass
+
+        phase = f"weight sync to step {version}"
+        if self.rank == 0:
+            metrics = rank0_phase(phase, push, on_error=drain) or {}
+        else:
+            drain()
+            rank0_phase(phase, lambda: None)
         self.version = version
         metrics["verify_max_abs_logprob_diff"] = self._verify()
         metrics["verify_probed_servers"] = float(self.last_probed_servers)
@@ -179,12 +226,15 @@ class SGLangEngine:
 
         seqs: list[list[int]] = []
         server_lps: list[list[float]] = []
-        if self.rank == 0:
+
+        def probe() -> None:
             assert self.fleet is not None
             for url in self.fleet.admitted_urls():
                 tokens, lps = server_probe_logprobs(url, self.probe_prompt, max_new_tokens=8, api_key=self.fleet.api_key)
                 seqs.append(tokens)
                 server_lps.append(lps)
+
+        rank0_phase(f"probing the servers after the weight sync to step {self.version}", probe)
         from minpro_megatron.rollout.transfer import decode_prompts, encode_prompts
 
         (t,) = broadcast_tensors(encode_prompts(seqs) if self.rank == 0 else None)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from minpro_megatron.config_base import ConfigError
 from minpro_megatron.rollout.auth import bearer, read_key_file
+from minpro_megatron.atomic_io import atomic_write_text
 
 __all__ = ["listed_urls", "healthy", "wait_for_fleet", "main"]
 
@@ -62,7 +63,8 @@ def wait_for_fleet(rollout_dir: Path, servers: int, router: bool, timeout: float
             raise TimeoutError(f"rollout fleet not ready after {timeout:.0f} s: {len(urls)}/{servers} servers "
                                f"listed, not healthy: {pending or 'n/a'}; see the logs in {rollout_dir}")
         time.sleep(poll)
-    (rollout_dir / "server_urls.txt").write_text("\n".join(urls) + "\n")
+    # write-then-rename: the trainer on another node reads this file while we may still be writing it
+    atomic_write_text(rollout_dir / "server_urls.txt", "\n".join(urls) + "\n")
     print(f"[fleet] {len(urls)} server(s) healthy after {time.monotonic() - t0:.1f} s: {', '.join(urls)}", flush=True)
     if router:
         url_file = rollout_dir / "router_url.txt"

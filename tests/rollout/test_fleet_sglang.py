@@ -273,3 +273,30 @@ def test_server_killed_mid_batch_loses_and_duplicates_nothing(fleet, tiny_models
     assert sorted(fleet.router_admin.worker_urls()) == sorted(fleet.server_urls)
     assert hf_check(s1.url, model_b, prompts[3]) <= TOL
     assert requests.Session().get(f"{s1.url}/health", timeout=5).status_code == 200
+
+
+def test_sync_failing_partway_keeps_servers_out_until_a_full_sync(fleet, tiny_models, prompts):
+    """Issue 12 item 11: the third bucket of a push fails after two were applied, so the servers hold a
+    mixture of two policies under the old label; they leave the router until a full sync succeeds."""
+    model_c = tiny_models["C"][0]
+    buckets = list(iter_buckets(checkpoint_state_dict(model_c).items(), BUCKET_BYTES))
+    bad = [list(b) for b in buckets]
+    name, t = bad[2][0]
+    bad[2][0] = (name, torch.ones(t.numel() + 1))  # a shape the server refuses: buckets 0 and 1 are already in
+    assert fleet.version == 5 and sorted(fleet.router_admin.worker_urls()) == sorted(fleet.server_urls)
+    sync = fleet.weight_sync(DistributedTransport(backend="gloo"))
+    try:
+        with pytest.raises(WeightSyncError, match=r"(?s)step 6.*bucket 2"):
+            fleet.sync_weights(sync, iter(bad), step=6)
+        assert versions(fleet) == {"5"}  # the label says 5, the weights are part C
+        assert fleet.admitted_urls() == [] and fleet.router_admin.worker_urls(healthy_only=False) == []
+        r = fleet.sync_weights(sync, iter(buckets), step=6)
+    finally:
+        sync.close()
+    assert r.buckets == len(buckets) and versions(fleet) == {"6"}
+    assert sorted(fleet.admitted_urls()) == sorted(fleet.server_urls)
+    assert sorted(fleet.router_admin.worker_urls()) == sorted(fleet.server_urls)
+    for url in fleet.server_urls:
+        assert hf_check(url, model_c, prompts[4]) <= TOL
+    groups = fleet.client(progress=False).generate_sync(prompts[:4], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert {v for g in groups for s in g for v in s.weight_versions} == {6}
