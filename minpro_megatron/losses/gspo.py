@@ -11,6 +11,10 @@ Under context parallelism the mean spans every CP chunk: the per-sequence sums c
 exchange, and the gradient is re-attached locally -- log s_i = sg(global mean) + (local sum -
 sg(local sum)) / n_i -- so d s_i / d logp_t = s_i / n_i on every rank without backward communication.
 Each rank carries the whole gradient of L_i but only its token share of the value.
+
+With ``mismatch_correction=tis`` L_i is multiplied by c_i = sg[min(exp(mean_t log m_t), C)], the
+truncated geometric mean of the sequence's mismatch ratios m_t = pi_old / pi_rollout, whose sum comes
+from the same CP exchange (losses/mismatch.py); ``mask`` drops tokens before the means.
 """
 
 from __future__ import annotations
