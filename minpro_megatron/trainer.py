@@ -27,6 +27,7 @@ from minpro_megatron.data.dataset import PromptStream, drop_overlong, load_datas
 from minpro_megatron.data.prompts import encode_prompt
 from minpro_megatron.data.tasks import Problem
 from minpro_megatron.learner.batch import TrainSample, global_batch_totals
+from minpro_megatron.learner.recompute import recompute_old_logp
 from minpro_megatron.logging.writer import MetricsWriter
 from minpro_megatron.parallel.reduce import all_reduce_sum
 from minpro_megatron.rewards import reward
@@ -295,6 +296,8 @@ class RLTrainer:
         cfg, t0 = self.cfg, time.perf_counter()
         groups, metrics = self._next_batch()
         samples = self.train_samples(groups)
+        if cfg.loss.old_logp == "recompute":  # pi_old from one learner forward; mismatch/* (learner/recompute.py)
+            metrics.update(recompute_old_logp(self.learner, samples, self.ps.get_data_parallel_group()))
         k = cfg.train.updates_per_batch
         if len(samples) % k:
             raise ValueError(f"{len(samples)} samples are not divisible by train.updates_per_batch={k}")

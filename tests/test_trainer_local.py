@@ -171,3 +171,32 @@ def test_bounded_age_staleness_admits_drops_and_requeues(tmp_path, n, overflow) 
         assert ages == [0.0, 0.0, 0.0]
         counted = dropped if overflow == "drop" else requeued
         assert counted == [0.0, 8.0, 16.0]  # 8 groups per step, cumulative
+
+
+def _recompute_run(out: Path, staleness: int) -> dict[str, list[float]]:
+    argv = [str(TINY), *QUICK, f"logging.output_dir={out}", f"rollout.staleness.n={staleness}", "loss.old_logp=recompute",
+            "loss.mismatch_correction=tis", "checkpoint.save_interval=0"]
+    assert run_multiprocess(run_trainer, 1, argv, timeout=900) == [0]
+    return {tag: [v for _, v in series] for tag, series in read_scalars(out / "tb").items()}
+
+
+@pytest.mark.multiproc
+def test_recompute_old_logp_logs_mismatch_and_is_zero_on_policy(tmp_path) -> None:
+    """loss.old_logp=recompute with the local engine: the learner's recomputed log-probs are compared with
+    the engine's every step. At staleness 0 the engine samples with the very model that recomputes, so
+    the mismatch is ~0 (float32 noise between incremental and packed forwards), the TIS factor is 1 and
+    nothing is truncated; at staleness 1 pi_old is one update newer than the behaviour policy, so the same
+    metrics show the drift - the recomputed values really replace the server's."""
+    on = _recompute_run(tmp_path / "s0", 0)
+    for tag in ["mismatch/abs_delta_mean", "mismatch/abs_delta_max", "mismatch/kl_k3", "mismatch/ratio_p10",
+                "mismatch/ratio_p90", "mismatch/num_tokens", "loss/mismatch_is_mean", "loss/mismatch_truncated_frac"]:
+        assert len(on[tag]) == 3, tag
+    assert on["mismatch/num_tokens"] == on["loss/num_tokens"]
+    assert max(on["mismatch/abs_delta_max"]) < 1e-4
+    assert all(abs(v - 1) < 1e-4 for v in on["mismatch/ratio_p10"] + on["mismatch/ratio_p90"] + on["loss/mismatch_is_mean"])
+    assert on["loss/mismatch_truncated_frac"] == [0.0, 0.0, 0.0]
+    assert all(abs(v - 1) < 1e-4 for v in on["loss/ratio_max"] + on["loss/ratio_min"])  # pi / pi_old on a single update
+
+    stale = _recompute_run(tmp_path / "s1", 1)
+    assert stale["mismatch/abs_delta_max"][0] < 1e-4  # step 1 trains on version 0, as at staleness 0
+    assert min(stale["mismatch/abs_delta_mean"][1:]) > 100 * max(on["mismatch/abs_delta_mean"])

@@ -28,6 +28,8 @@ class TrainSample:
     tokens: prompt then response ids. old_logp: behaviour log-prob of each response token.
     loss_mask: which response tokens are trained (default: all). ref_logp: reference-policy log-probs of
     the response tokens (only for a KL term). version: weight version that generated the sample.
+    rollout_logp: the server's log-probs of the response tokens when old_logp was recomputed by the
+    learner (loss.old_logp=recompute); the mismatch correction compares the two (losses/mismatch.py).
     """
 
     tokens: torch.Tensor
@@ -38,6 +40,7 @@ class TrainSample:
     ref_logp: torch.Tensor | None = None
     version: int = 0
     meta: dict = field(default_factory=dict)
+    rollout_logp: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.tokens = torch.as_tensor(self.tokens, dtype=torch.int64).reshape(-1)
@@ -61,6 +64,12 @@ class TrainSample:
             self.ref_logp = torch.as_tensor(self.ref_logp, dtype=torch.float32).reshape(-1)
             if self.ref_logp.numel() != n_resp:
                 raise ValueError(f"TrainSample.ref_logp has {self.ref_logp.numel()} values for {n_resp} response tokens")
+        if self.rollout_logp is not None:
+            self.rollout_logp = torch.as_tensor(self.rollout_logp, dtype=torch.float32).reshape(-1)
+            if self.rollout_logp.numel() != n_resp:
+                raise ValueError(
+                    f"TrainSample.rollout_logp has {self.rollout_logp.numel()} values for {n_resp} response tokens"
+                )
 
     @property
     def response_len(self) -> int:
@@ -85,6 +94,7 @@ class MicroBatch:
     mask: torch.Tensor  # [T_local] bool
     ref_logp: torch.Tensor | None
     samples: list[TrainSample]
+    rollout_logp: torch.Tensor | None = None  # [T_local] float32, when the samples carry it
 
     @property
     def layout(self) -> ZigzagLayout:
@@ -129,7 +139,12 @@ def pack_micro_batch(
         if not all(s.ref_logp is not None for s in samples):
             raise ValueError("pack_micro_batch: ref_logp must be given for every sample of a micro-batch or none")
         ref = local([s.positional(s.ref_logp, 0.0) for s in samples], 0.0)
-    return MicroBatch(inputs, old, adv, mask & inputs.label_mask, ref, samples)
+    rollout = None
+    if any(s.rollout_logp is not None for s in samples):
+        if not all(s.rollout_logp is not None for s in samples):
+            raise ValueError("pack_micro_batch: rollout_logp must be given for every sample of a micro-batch or none")
+        rollout = local([s.positional(s.rollout_logp, 0.0) for s in samples], 0.0)
+    return MicroBatch(inputs, old, adv, mask & inputs.label_mask, ref, samples, rollout)
 
 
 def split_micro_batches(samples: Sequence[TrainSample], micro_batch_size: int) -> list[list[TrainSample]]:

@@ -55,7 +55,7 @@ def combine_microbatch_metrics(per_mb: Sequence[dict[str, float]]) -> dict[str, 
     out: dict[str, float] = {}
     for key in per_mb[0]:
         vals = [m[key] for m in per_mb if key in m]
-        if key in ("loss", "num_tokens", "nonfinite_count"):
+        if key in ("loss", "num_tokens", "nonfinite_count", "mismatch_masked_count"):
             out[key] = float(sum(vals))
         elif key.endswith("_min"):
             finite = [v for v in vals if not math.isnan(v)]
@@ -219,7 +219,8 @@ class Learner:
         def loss_fn(mb: MicroBatch, hidden: torch.Tensor, weight: torch.Tensor, model: torch.nn.Module):
             logp, ent = logprobs_from_hidden(model, hidden, weight, mb.inputs, temperature=temperature, valid_vocab=vocab)
             share, metrics = policy_loss(
-                logp, mb.old_logp, mb.advantages, mb.mask, mb.layout, cfg.loss, ref_logp=mb.ref_logp, totals=totals
+                logp, mb.old_logp, mb.advantages, mb.mask, mb.layout, cfg.loss, ref_logp=mb.ref_logp, totals=totals,
+                rollout_logp=mb.rollout_logp,
             )
             metrics.update(_entropy_metrics(ent, mb))
             return share * scale, metrics

@@ -59,5 +59,8 @@ def policy_loss(
     *,
     ref_logp: torch.Tensor | None = None,
     totals: BatchTotals | None = None,
+    rollout_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    return get_loss(cfg.name)(logp, old_logp, advantages, mask, layout, cfg, ref_logp=ref_logp, totals=totals)
+    return get_loss(cfg.name)(
+        logp, old_logp, advantages, mask, layout, cfg, ref_logp=ref_logp, totals=totals, rollout_logp=rollout_logp
+    )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from minpro_megatron.losses.config import LossConfig
+from minpro_megatron.losses.mismatch import mask_band_keep
 from minpro_megatron.parallel.cp_layout import ZigzagLayout
 from minpro_megatron.parallel.cp_scan import ScanRequest, ScanResult, cp_segmented_scans
 from minpro_megatron.parallel.reduce import MetricBag, all_reduce_sum, global_kth_smallest
@@ -58,6 +59,10 @@ class PolicyInputs:
     valid: torch.Tensor  # bool: mask & finite & not CP padding
     nonfinite: torch.Tensor  # int64 scalar: masked tokens dropped for a non-finite log-ratio/advantage
     layout: ZigzagLayout
+    # Train-inference mismatch (losses/mismatch.py), only with a correction: log(pi_old / pi_rollout),
+    # detached, 0 where invalid; and the number of finite tokens the mismatch mask dropped.
+    mismatch_log_ratio: torch.Tensor | None = None
+    mismatch_masked: torch.Tensor | None = None
 
     @property
     def log_ratio_detached(self) -> torch.Tensor:
@@ -70,9 +75,16 @@ def prepare_inputs(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     layout: ZigzagLayout,
+    rollout_logp: torch.Tensor | None = None,
+    keep_band: tuple[float, float] | None = None,
 ) -> PolicyInputs:
+    """``rollout_logp`` (with a mismatch correction): the server's log-probs; a non-finite one drops the
+    token like a non-finite ratio. ``keep_band``: the mismatch mask's [low, high] band of pi_old/pi_rollout."""
     n = layout.local_len
-    for name, t in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask)):
+    named = [("logp", logp), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask)]
+    if rollout_logp is not None:
+        named.append(("rollout_logp", rollout_logp))
+    for name, t in named:
         if t.dim() != 1 or t.shape[0] != n:
             raise ValueError(
                 f"policy loss: {name} must be 1-D with {n} tokens (the layout's local length on CP rank "
@@ -86,7 +98,17 @@ def prepare_inputs(
     adv = advantages.detach().to(dtype)
     raw_ratio = logp - old_logp.detach().to(dtype)
     finite = torch.isfinite(raw_ratio.detach() + adv)  # one test for both (inf + x and nan + x stay non-finite)
+    mm_ratio = masked = None
+    if rollout_logp is not None:
+        mm_ratio = old_logp.detach().to(dtype) - rollout_logp.detach().to(dtype)
+        finite = finite & torch.isfinite(mm_ratio)
     valid = mask & finite
+    nonfinite = mask.sum() - valid.sum()
+    if keep_band is not None:
+        assert mm_ratio is not None, "the mismatch mask needs rollout_logp"
+        kept = valid & mask_band_keep(torch.where(valid, mm_ratio, 0.0), *keep_band)
+        masked = valid.sum() - kept.sum()
+        valid = kept
     # Sanitise before any exp(): where() routes zero gradient to dropped tokens, and their inputs never
     # reach a NaN-producing op, so the backward stays finite too.
     return PolicyInputs(
@@ -94,8 +116,10 @@ def prepare_inputs(
         log_ratio=torch.where(valid, raw_ratio, 0.0),
         advantages=torch.where(valid, adv, 0.0),
         valid=valid,
-        nonfinite=mask.sum() - valid.sum(),
+        nonfinite=nonfinite,
         layout=layout,
+        mismatch_log_ratio=torch.where(valid, mm_ratio, 0.0) if mm_ratio is not None else None,
+        mismatch_masked=masked,
     )
 
 

@@ -8,6 +8,8 @@ from typing import Literal
 LossName = Literal["grpo", "gspo", "cispo", "m2po", "minpro"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 PrefixStat = Literal["min", "mean", "geomean", "prod", "none"]
+OldLogp = Literal["rollout", "recompute"]
+MismatchCorrection = Literal["none", "tis", "mask"]
 
 # Clip ranges when eps_low / eps_high are left unset. GRPO: DAPO clip-higher. CISPO / MinPRO: no lower
 # bound in effect (weights may go to 0, which is how MinPRO suppresses off-track continuations) and the
@@ -36,6 +38,8 @@ class LossConfig:
     response token (exclusive mode) and whether it is capped at 1.
     prefix_diagnostics: also compute prefix-min statistics for losses that do not use them (one extra
     O(sequences) CP exchange), so sweeps can compare rho_min across methods.
+    old_logp / mismatch_*: the behaviour log-probs of the ratio and the train-inference mismatch
+    correction (losses/mismatch.py).
     """
 
     name: LossName = "minpro"  # policy loss (README 'Losses')
@@ -51,6 +55,11 @@ class LossConfig:
     prefix_first_value: float = 1.0  # P at the first response token (exclusive mode); 1 is neutral
     prefix_cap_at_one: bool = False  # cap the prefix statistic at 1
     prefix_diagnostics: bool = True  # prefix-min metrics (rho_min_*) for every loss, for sweeps
+    old_logp: OldLogp = "rollout"  # ratio denominator: the server's log-probs, or recompute (one learner forward before the step's first update; logs mismatch/*)
+    mismatch_correction: MismatchCorrection = "none"  # correct pi_old/pi_rollout (needs old_logp=recompute): tis = truncated IS factor, mask = drop tokens outside the band
+    mismatch_tis_cap: float = 2.0  # tis: cap C of the factor sg[min(pi_old/pi_rollout, C)] (verl's rollout_is_threshold)
+    mismatch_mask_low: float = 0.5  # mask: drop tokens with pi_old/pi_rollout below this
+    mismatch_mask_high: float = 2.0  # mask: drop tokens with pi_old/pi_rollout above this
 
     def clip_range(self) -> tuple[float, float]:
         lo, hi = DEFAULT_CLIP[self.name]
@@ -73,5 +82,17 @@ class LossConfig:
             raise ConfigError(f"loss.m2po_tau must be > 0 (the M2PO paper uses 0.04), got {self.m2po_tau}")
         if self.prefix_first_value <= 0:
             raise ConfigError(f"loss.prefix_first_value must be > 0 (1 is neutral), got {self.prefix_first_value}")
+        if self.mismatch_correction != "none" and self.old_logp != "recompute":
+            raise ConfigError(
+                f"loss.mismatch_correction={self.mismatch_correction!r} compares the recomputed old log-probs with "
+                "the server's; with loss.old_logp='rollout' they are the same. Set loss.old_logp=recompute"
+            )
+        if self.mismatch_tis_cap <= 0:
+            raise ConfigError(f"loss.mismatch_tis_cap must be > 0 (verl's default is 2.0), got {self.mismatch_tis_cap}")
+        if not 0 <= self.mismatch_mask_low < self.mismatch_mask_high:
+            raise ConfigError(
+                "loss.mismatch_mask_low / loss.mismatch_mask_high must satisfy 0 <= low < high (e.g. 0.5 / 2.0), "
+                f"got {self.mismatch_mask_low} / {self.mismatch_mask_high}"
+            )
         if self.kl_coef > 0 and self.name != "grpo":
             raise ConfigError(f"loss.kl_coef is only used by grpo; set it to 0 for loss.name={self.name!r}")

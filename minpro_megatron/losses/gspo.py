@@ -11,15 +11,22 @@ Under context parallelism the mean spans every CP chunk: the per-sequence sums c
 exchange, and the gradient is re-attached locally -- log s_i = sg(global mean) + (local sum -
 sg(local sum)) / n_i -- so d s_i / d logp_t = s_i / n_i on every rank without backward communication.
 Each rank carries the whole gradient of L_i but only its token share of the value.
+
+With ``mismatch_correction=tis`` L_i is multiplied by c_i = sg[min(exp(mean_t log m_t), C)], the
+truncated geometric mean of the sequence's mismatch ratios m_t = pi_old / pi_rollout, whose sum comes
+from the same CP exchange (losses/mismatch.py); ``mask`` drops tokens before the means.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from minpro_megatron.losses.base import LossContext
 from minpro_megatron.losses.common import PolicyInputs
 from minpro_megatron.losses.config import LossConfig
+from minpro_megatron.losses.mismatch import tis_factor
 from minpro_megatron.parallel.cp_scan import ScanRequest
 
 __all__ = ["GSPOLoss", "sequence_weights"]
@@ -39,12 +46,17 @@ def sequence_weights(ctx: LossContext, n: torch.Tensor) -> torch.Tensor:
 
 class GSPOLoss:
     name = "gspo"
+    sequence_level = True  # TIS: one factor per sequence (losses/mismatch.py)
 
     def scan_requests(self, inputs: PolicyInputs, cfg: LossConfig) -> dict[str, ScanRequest]:
-        return {
+        requests = {
             "log_ratio_sum": ScanRequest(inputs.log_ratio_detached, "sum"),
             "adv_sum": ScanRequest(inputs.advantages, "sum"),
         }
+        if cfg.mismatch_correction == "tis":
+            assert inputs.mismatch_log_ratio is not None
+            requests["mismatch_sum"] = ScanRequest(inputs.mismatch_log_ratio, "sum")
+        return requests
 
     def needs_counts(self, cfg: LossConfig) -> bool:
         return True  # sequence lengths n_i
@@ -70,6 +82,13 @@ class GSPOLoss:
         unclipped = -adv * s
         clipped = -adv * s.clamp(1.0 - eps_low, 1.0 + eps_high)
         seq_loss = torch.maximum(unclipped, clipped)
+        if ctx.cfg.mismatch_correction == "tis":  # c_i = sg[min(geomean_t m_t, C)]: one CP exchange, exact
+            log_m = ctx.scans["mismatch_sum"].seq_total.to(dtype) / n_safe
+            c = tis_factor(log_m, ctx.cfg.mismatch_tis_cap)
+            seq_loss = seq_loss * c
+            counted_tok = x.valid
+            bag.mean("mismatch_is_mean", c[seq_of_tok], counted_tok)
+            bag.frac("mismatch_truncated_frac", counted_tok & (log_m > math.log(ctx.cfg.mismatch_tis_cap))[seq_of_tok], "num_tokens")
 
         seq_weight = sequence_weights(ctx, n)
         full = torch.where(has_tokens, seq_weight * seq_loss, torch.zeros_like(seq_loss))

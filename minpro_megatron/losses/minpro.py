@@ -75,6 +75,7 @@ def _is_plain_rho_min(cfg: LossConfig) -> bool:
 
 class MinPROLoss:
     name = "minpro"
+    sequence_level = False
 
     def scan_requests(self, inputs: PolicyInputs, cfg: LossConfig) -> dict[str, ScanRequest]:
         if cfg.prefix_stat == "none":

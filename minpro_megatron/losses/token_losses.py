@@ -24,6 +24,7 @@ class GRPOLoss:
     (kl_coef * (exp(ref - logp) - (ref - logp) - 1), gradient through logp)."""
 
     name = "grpo"
+    sequence_level = False
 
     def scan_requests(self, inputs: PolicyInputs, cfg: LossConfig) -> dict[str, ScanRequest]:
         return {}
@@ -63,6 +64,7 @@ class CISPOLoss:
     """sg[clip(r, 1-eps_low, 1+eps_high)] * A * log pi: every token keeps a gradient, bounded in size."""
 
     name = "cispo"
+    sequence_level = False
 
     def scan_requests(self, inputs: PolicyInputs, cfg: LossConfig) -> dict[str, ScanRequest]:
         return {}
@@ -107,6 +109,7 @@ class M2POLoss:
     unclipped importance-weighted objective -mask * r * A."""
 
     name = "m2po"
+    sequence_level = False
 
     def scan_requests(self, inputs: PolicyInputs, cfg: LossConfig) -> dict[str, ScanRequest]:
         return {}

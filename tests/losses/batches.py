@@ -34,6 +34,16 @@ def random_sequences(
     return seqs
 
 
+def with_rollout(seqs: list[dict], seed: int, scale: float = 0.4) -> list[dict]:
+    """The same sequences with server log-probs ``rollout_logp`` = old_logp + scale * noise."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    out = []
+    for s in seqs:
+        noise = scale * torch.randn(len(s["mask"]), generator=g, dtype=torch.float64)
+        out.append({**s, "rollout_logp": (s["old_logp"].double() + noise).to(s["old_logp"].dtype)})
+    return out
+
+
 @dataclass
 class Packed:
     layout: ZigzagLayout
@@ -41,6 +51,7 @@ class Packed:
     old_logp: torch.Tensor
     adv: torch.Tensor
     mask: torch.Tensor
+    rollout_logp: torch.Tensor | None = None
 
 
 def pack(seqs: list[dict], cp_size: int = 1, dtype: torch.dtype | None = None) -> Packed:
@@ -56,6 +67,7 @@ def pack(seqs: list[dict], cp_size: int = 1, dtype: torch.dtype | None = None) -
         old_logp=cat("old_logp", 0.0).to(dtype),
         adv=cat("adv", 0.0).to(dtype),
         mask=cat("mask", False),
+        rollout_logp=cat("rollout_logp", 0.0).to(dtype) if "rollout_logp" in seqs[0] else None,
     )
 
 

@@ -1,8 +1,8 @@
 """Float64 brute-force references for the policy losses, written plainly: loops over sequences and tokens.
 
 A batch is a list of sequences; each sequence is a dict of 1-D float64 tensors ``logp`` (requires grad),
-``old_logp``, ``adv`` and a bool ``mask``. Stop-gradient is ``.detach()``. Nothing here is shared with
-the implementation under test.
+``old_logp``, ``adv`` and a bool ``mask``, and with a mismatch correction ``rollout_logp``.
+Stop-gradient is ``.detach()``. Nothing here is shared with the implementation under test.
 """
 
 from __future__ import annotations
@@ -14,13 +14,27 @@ import torch
 from minpro_megatron.losses.config import LossConfig
 
 
-def valid_tokens(seq: dict) -> list[int]:
-    out = []
+def mismatch_ratio(seq: dict, t: int) -> float:
+    """pi_old / pi_rollout of token t."""
+    return math.exp(float(seq["old_logp"][t]) - float(seq["rollout_logp"][t]))
+
+
+def valid_tokens(seq: dict, cfg: LossConfig | None = None) -> tuple[list[int], int]:
+    """(trained tokens, tokens the mismatch mask dropped)."""
+    out, masked = [], 0
+    corr = cfg.mismatch_correction if cfg is not None else "none"
     for t in range(len(seq["mask"])):
         lr = float(seq["logp"][t]) - float(seq["old_logp"][t])
-        if bool(seq["mask"][t]) and math.isfinite(lr) and math.isfinite(float(seq["adv"][t])):
-            out.append(t)
-    return out
+        if not (bool(seq["mask"][t]) and math.isfinite(lr) and math.isfinite(float(seq["adv"][t]))):
+            continue
+        if corr != "none":
+            if not math.isfinite(float(seq["old_logp"][t]) - float(seq["rollout_logp"][t])):
+                continue
+            if corr == "mask" and not (cfg.mismatch_mask_low <= mismatch_ratio(seq, t) <= cfg.mismatch_mask_high):
+                masked += 1
+                continue
+        out.append(t)
+    return out, masked
 
 
 def token_weight(cfg: LossConfig, n_tokens: int, n_seqs: int, seq_len: int) -> float:
@@ -85,7 +99,12 @@ def m2po_threshold(m2_values: list[float], tau: float) -> float:
 def reference_loss(seqs: list[dict], cfg: LossConfig, ref_logp: list[torch.Tensor] | None = None):
     """Returns (loss tensor with autograd to every seq['logp'], metrics dict)."""
     eps_low, eps_high = cfg.clip_range()
-    valid = [valid_tokens(s) for s in seqs]
+    vm = [valid_tokens(s, cfg) for s in seqs]
+    valid = [v for v, _ in vm]
+    n_masked = sum(m for _, m in vm)
+    tis = cfg.mismatch_correction == "tis"
+    is_factors: list[float] = []  # per trained token
+    n_truncated = 0
     n_tokens = sum(len(v) for v in valid)
     n_seqs = sum(1 for v in valid if v)
     loss = torch.zeros((), dtype=torch.float64)
@@ -110,7 +129,13 @@ def reference_loss(seqs: list[dict], cfg: LossConfig, ref_logp: list[torch.Tenso
             a = sum(float(s["adv"][t]) for t in v) / len(v)
             l_unclipped = -a * seq_ratio
             l_clipped = -a * torch.clamp(seq_ratio, 1 - eps_low, 1 + eps_high)
-            loss = loss + w * len(v) * torch.maximum(l_unclipped, l_clipped)
+            c = 1.0
+            if tis:  # sequence level: the geometric mean of the mismatch ratios, truncated
+                geo = math.exp(sum(math.log(mismatch_ratio(s, t)) for t in v) / len(v))
+                c = min(geo, cfg.mismatch_tis_cap)
+                is_factors += [c] * len(v)
+                n_truncated += len(v) if geo > cfg.mismatch_tis_cap else 0
+            loss = loss + w * len(v) * c * torch.maximum(l_unclipped, l_clipped)
             if float(l_clipped) > float(l_unclipped):
                 if float(seq_ratio) > 1:
                     clip_high += len(v)
@@ -121,6 +146,11 @@ def reference_loss(seqs: list[dict], cfg: LossConfig, ref_logp: list[torch.Tenso
             lr = float(logp) - old
             ratio = math.exp(lr)
             ratios.append(ratio)
+            c = 1.0  # token-level TIS factor
+            if tis and cfg.name != "gspo":
+                c = min(mismatch_ratio(s, t), cfg.mismatch_tis_cap)
+                is_factors.append(c)
+                n_truncated += mismatch_ratio(s, t) > cfg.mismatch_tis_cap
             rho_mins.append(math.exp(log_prefix_stat(prev_lr, "min", 1.0)))
             if cfg.name == "grpo":
                 r = torch.exp(logp - old)
@@ -140,12 +170,12 @@ def reference_loss(seqs: list[dict], cfg: LossConfig, ref_logp: list[torch.Tenso
                     kl = torch.exp(delta) - delta - 1
                     kl_ref.append(float(kl))
                     lt = lt + cfg.kl_coef * kl
-                loss = loss + w * lt
+                loss = loss + w * c * lt
             elif cfg.name == "cispo":
                 weight = clip(ratio, 1 - eps_low, 1 + eps_high)
                 clip_high += ratio > 1 + eps_high
                 clip_low += ratio < 1 - eps_low
-                loss = loss + w * (-weight * a * logp)
+                loss = loss + w * c * (-weight * a * logp)
             elif cfg.name == "minpro":
                 if cfg.prefix_inclusive:
                     log_p = log_prefix_stat(prev_lr + [lr], cfg.prefix_stat, cfg.prefix_first_value)
@@ -160,7 +190,7 @@ def reference_loss(seqs: list[dict], cfg: LossConfig, ref_logp: list[torch.Tenso
                 clip_high += raw > 1 + eps_high
                 clip_low += raw < 1 - eps_low
                 lowered += weight < clip(ratio, 1 - eps_low, 1 + eps_high)
-                loss = loss + w * (-weight * a * logp)
+                loss = loss + w * c * (-weight * a * logp)
             elif cfg.name == "m2po":
                 keep = lr * lr <= threshold
                 if not keep:
@@ -168,7 +198,7 @@ def reference_loss(seqs: list[dict], cfg: LossConfig, ref_logp: list[torch.Tenso
                     clip_high += lr > 0
                     clip_low += lr < 0
                 else:
-                    loss = loss + w * (-torch.exp(logp - old) * a)
+                    loss = loss + w * c * (-torch.exp(logp - old) * a)
             prev_lr.append(lr)
 
     metrics = {
@@ -193,6 +223,12 @@ def reference_loss(seqs: list[dict], cfg: LossConfig, ref_logp: list[torch.Tenso
         metrics["dual_clip_frac"] = dual / n_tokens if n_tokens else 0.0
     if cfg.name == "grpo" and cfg.kl_coef > 0:
         metrics["kl_ref_k3"] = sum(kl_ref) / len(kl_ref)
+    if tis:
+        metrics["mismatch_is_mean"] = sum(is_factors) / len(is_factors) if is_factors else math.nan
+        metrics["mismatch_truncated_frac"] = n_truncated / n_tokens if n_tokens else 0.0
+    if cfg.mismatch_correction == "mask":
+        metrics["mismatch_masked_count"] = float(n_masked)
+        metrics["mismatch_masked_frac"] = n_masked / (n_masked + n_tokens) if n_masked + n_tokens else 0.0
     if cfg.name == "m2po":
         metrics["m2po_masked_frac"] = masked / n_tokens if n_tokens else 0.0
         kept = [m for m in m2_all if m <= threshold]

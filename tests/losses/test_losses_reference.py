@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minpro_megatron.losses import LOSSES, LossConfig, get_loss, policy_loss
-from tests.losses.batches import pack, random_sequences, reference_leaves, split_grad
+from tests.losses.batches import pack, random_sequences, reference_leaves, split_grad, with_rollout
 from tests.losses.reference import reference_loss
 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
@@ -171,3 +171,102 @@ def test_grpo_log_ratio_clamp_bounds_the_ratio_like_verl() -> None:
 
     with pytest.raises(ConfigError, match="loss.log_ratio_clamp"):
         LossConfig(name="cispo", log_ratio_clamp=20.0).validate()
+
+
+# Train-inference mismatch correction (losses/mismatch.py): every loss x {none, tis, mask}.
+CORRECTION_BASES = [
+    LossConfig(name="grpo", dual_clip=3.0),
+    LossConfig(name="gspo", eps_low=0.02, eps_high=0.03),
+    LossConfig(name="gspo", eps_low=0.3, eps_high=0.3),
+    LossConfig(name="cispo"),
+    LossConfig(name="m2po", m2po_tau=0.01),
+    LossConfig(name="minpro"),
+    LossConfig(name="minpro", prefix_stat="geomean"),
+]
+CORRECTIONS = [
+    {"mismatch_correction": "none"},
+    {"mismatch_correction": "tis", "mismatch_tis_cap": 1.2},
+    {"mismatch_correction": "mask", "mismatch_mask_low": 0.7, "mismatch_mask_high": 1.4},
+]
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("corr", CORRECTIONS, ids=lambda c: c["mismatch_correction"])
+@pytest.mark.parametrize("base", CORRECTION_BASES, ids=_id)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mismatch_correction_matches_reference_float64(base: LossConfig, corr: dict, aggregation: str, seed: int) -> None:
+    cfg = LossConfig(**{**vars(base), **corr, "aggregation": aggregation, "old_logp": "recompute"})
+    cfg.validate()
+    seqs = with_rollout(random_sequences(seed, n_seqs=6, max_len=14, lr_scale=0.4), seed)
+    packed = pack(seqs)
+    loss, metrics = policy_loss(
+        packed.logp, packed.old_logp, packed.adv, packed.mask, packed.layout, cfg, rollout_logp=packed.rollout_logp
+    )
+    loss.backward()
+    ref_seqs = reference_leaves(seqs)
+    ref, ref_metrics = reference_loss(ref_seqs, cfg)
+    if ref.requires_grad:  # M2PO may mask every token of a small batch
+        ref.backward()
+
+    assert float(loss) == pytest.approx(float(ref), rel=1e-10, abs=1e-12)
+    for got, s in zip(split_grad(packed), ref_seqs):
+        want = s["logp"].grad if s["logp"].grad is not None else torch.zeros_like(s["logp"])
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    _check_metrics(metrics, ref_metrics, rtol=1e-6)
+    kind = corr["mismatch_correction"]
+    if kind == "tis":  # the batch exercises the cap, and the factor is not trivially 1
+        assert 0 < metrics["mismatch_truncated_frac"] < 1
+        assert metrics["mismatch_is_mean"] != pytest.approx(1.0)
+    if kind == "mask":
+        assert 0 < metrics["mismatch_masked_frac"] < 1
+    if kind == "none":  # rollout_logp is ignored without a correction
+        plain, plain_metrics = policy_loss(packed.logp, packed.old_logp, packed.adv, packed.mask, packed.layout, cfg)
+        assert float(plain) == float(loss)
+        assert not any(k.startswith("mismatch") for k in metrics)
+
+
+def test_mismatch_correction_needs_rollout_logp_and_recompute() -> None:
+    from minpro_megatron.config_base import ConfigError
+
+    p = pack(random_sequences(0))
+    cfg = LossConfig(name="cispo", mismatch_correction="tis", old_logp="recompute")
+    with pytest.raises(ValueError, match="needs rollout_logp"):
+        policy_loss(p.logp, p.old_logp, p.adv, p.mask, p.layout, cfg)
+    with pytest.raises(ConfigError, match="loss.old_logp=recompute"):
+        LossConfig(name="cispo", mismatch_correction="mask").validate()
+    with pytest.raises(ConfigError, match="loss.mismatch_mask_low"):
+        LossConfig(mismatch_correction="mask", old_logp="recompute", mismatch_mask_low=2.0).validate()
+    with pytest.raises(ConfigError, match="loss.mismatch_tis_cap"):
+        LossConfig(mismatch_correction="tis", old_logp="recompute", mismatch_tis_cap=0).validate()
+
+
+def test_mismatch_correction_drops_nonfinite_rollout_logp() -> None:
+    seqs = with_rollout(random_sequences(2, masked_seq=False), 2)
+    seqs[0]["rollout_logp"][-1] = -math.inf  # a trained response token (the last one) with no server log-prob
+    assert bool(seqs[0]["mask"][-1])
+    p = pack(seqs)
+    cfg = LossConfig(name="minpro", mismatch_correction="tis", old_logp="recompute")
+    loss, metrics = policy_loss(p.logp, p.old_logp, p.adv, p.mask, p.layout, cfg, rollout_logp=p.rollout_logp)
+    loss.backward()
+    assert math.isfinite(float(loss)) and torch.isfinite(p.logp.grad).all()
+    assert metrics["nonfinite_count"] == 1
+    assert split_grad(p)[0][-1] == 0
+
+
+def test_mismatch_metrics_match_plain_loops() -> None:
+    from minpro_megatron.losses.mismatch import mismatch_metrics
+
+    seqs = with_rollout(random_sequences(4, n_seqs=8, max_len=20), 4, scale=0.3)
+    p = pack(seqs)
+    m = mismatch_metrics(p.old_logp, p.rollout_logp, p.mask, None)
+    deltas = [float(s["old_logp"][t]) - float(s["rollout_logp"][t]) for s in seqs for t in range(len(s["mask"])) if s["mask"][t]]
+    assert m["mismatch/num_tokens"] == len(deltas)
+    assert m["mismatch/abs_delta_mean"] == pytest.approx(sum(abs(d) for d in deltas) / len(deltas), rel=1e-12)
+    assert m["mismatch/abs_delta_max"] == pytest.approx(max(abs(d) for d in deltas), rel=1e-12)
+    assert m["mismatch/kl_k3"] == pytest.approx(sum(math.exp(d) - 1 - d for d in deltas) / len(deltas), rel=1e-10)
+    ratios = sorted(math.exp(d) for d in deltas)
+    for q in (10, 90):
+        want = ratios[math.ceil(q / 100 * len(ratios)) - 1]
+        assert m[f"mismatch/ratio_p{q}"] == pytest.approx(want, rel=1e-6)
+    same = mismatch_metrics(p.old_logp, p.old_logp, p.mask, None)
+    assert same["mismatch/abs_delta_max"] == 0 and same["mismatch/kl_k3"] == 0 and same["mismatch/ratio_p10"] == 1
