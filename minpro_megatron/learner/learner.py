@@ -291,24 +291,22 @@ class Learner:
         return float(flag.item()) == 0.0
 
     def _grads_finite(self) -> bool:
-        """Collective over all ranks: every gradient (the DDP main_grad buffers) is finite."""
-        ok = True
+        """Collective over all ranks: every gradient (the DDP main_grad buffers) is finite. One flag per
+        tensor stays on the device and is reduced there: a single host sync per step, not one per tensor."""
+        flags = []
         for m in self.model:
             for p in m.parameters():
                 g = getattr(p, "main_grad", None)
                 g = p.grad if g is None else g
-                if g is not None and not bool(torch.isfinite(g).all()):
-                    ok = False
-                    break
-            if not ok:
-                break
-        return self._all_ranks_ok(ok)
+                if g is not None:
+                    flags.append(torch.isfinite(g).all())
+        return self._all_ranks_ok(bool(torch.stack(flags).all()) if flags else True)
 
     def params_finite(self) -> bool:
         """Collective over all ranks: every parameter of the model is finite (checked before weights are
         published to rollout servers or written to a checkpoint)."""
-        ok = all(bool(torch.isfinite(p).all()) for m in self.model for p in m.parameters())
-        return self._all_ranks_ok(ok)
+        flags = [torch.isfinite(p).all() for m in self.model for p in m.parameters()]
+        return self._all_ranks_ok(bool(torch.stack(flags).all()) if flags else True)
 
     def restore_scheduled_lr(self) -> None:
         """Re-apply the LR schedule's current rate (after sft_step overrode it)."""
