@@ -451,7 +451,10 @@ class RLTrainer:
                 task = progress.add_task("warm start (supervised)", total=t.warm_start_steps, completed=self.warm_step)
                 while self.warm_step < t.warm_start_steps:
                     i = self.warm_step
-                    problems = self._my_share(self.stream.take(t.rollout_batch_size * t.group_size // t.updates_per_batch))
+                    # One RL step's worth of samples per warm-start step, whatever train.updates_per_batch is: the
+                    # supervised start must not depend on how the RL batch is later split into updates (a
+                    # divided batch left the updates_per_batch=4 cells of the study at zero accuracy).
+                    problems = self._my_share(self.stream.take(t.rollout_batch_size * t.group_size))
                     shard = [self._sft_sample(p) for p in problems]
                     r = self.learner.sft_step(shard, lr=t.warm_start_lr)
                     self._count_update(r.update_successful)

@@ -211,3 +211,27 @@ def test_over_long_rows_are_dropped_and_counted_at_load(tmp_path, capfd) -> None
     (r,) = run_multiprocess(_overlong, 1, str(tmp_path / "run"), str(data), timeout=300)
     assert r["dropped"] == 1 and long not in r["prompts"] and len(r["prompts"]) == 7
     assert f"{data} line 4: prompt of" in capfd.readouterr().out
+
+
+def _warm_start_position(out: str, updates_per_batch: int) -> dict:
+    from minpro_megatron.learner.distributed import init_distributed
+    from minpro_megatron.trainer import RLTrainer
+
+    cfg = load_config(TINY, [*QUICK, "train.warm_start_steps=2", f"train.updates_per_batch={updates_per_batch}",
+                             f"logging.output_dir={out}"])
+    init_distributed(cfg.parallel, seed=0)
+    trainer = RLTrainer(cfg)
+    before = trainer.stream.state_dict()["position"]
+    trainer.warm_start()
+    after = trainer.stream.state_dict()["position"]
+    trainer.close()
+    return {"drawn": after - before}
+
+
+def test_warm_start_does_not_depend_on_updates_per_batch(tmp_path) -> None:
+    """The supervised start draws one RL step's samples per step (8 prompts x group 4 = 32), also with
+    several updates per RL batch: the drift axis of a sweep (updates_per_batch 1 vs 4) must start from the
+    same policy. Before, it drew 32 / updates_per_batch and the updates_per_batch=4 runs started untrained."""
+    (one,) = run_multiprocess(_warm_start_position, 1, str(tmp_path / "a"), 1, timeout=300)
+    (four,) = run_multiprocess(_warm_start_position, 1, str(tmp_path / "b"), 4, timeout=300)
+    assert one == four == {"drawn": 2 * 8 * 4}, (one, four)
