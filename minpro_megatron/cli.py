@@ -24,7 +24,7 @@ def _run(module: str, argv: list[str] | None) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    return _run("minpro_megatron.trainer", argv)
+    return _run("minpro_megatron.train.trainer", argv)
 
 
 def sweep_main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def slurm_main(argv: list[str] | None = None) -> int:
 
 
 def samples_main(argv: list[str] | None = None) -> int:
-    return _run("minpro_megatron.logging.samples", argv)
+    return _run("minpro_megatron.metrics.samples", argv)
 
 
 def bench_losses_main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
-from minpro_megatron.config_base import UserError
+from minpro_megatron.config.base import UserError
 
 __all__ = ["UserError", "Parser", "run_cli", "debug_enabled", "require_file", "require_dir"]
 

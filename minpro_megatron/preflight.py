@@ -12,7 +12,7 @@ from pathlib import Path
 
 from minpro_megatron.cli_support import require_dir, require_file
 from minpro_megatron.config import RunConfig
-from minpro_megatron.config_base import ConfigError, UserError
+from minpro_megatron.config.base import ConfigError, UserError
 
 __all__ = ["check_run_inputs", "has_checkpoint"]
 

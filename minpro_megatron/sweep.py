@@ -34,8 +34,8 @@ from typing import Sequence
 import yaml
 
 from minpro_megatron.config import ConfigError, load_config
-from minpro_megatron.config_base import UserError
-from minpro_megatron.logging.report import read_scalars, write_csv, write_markdown_table
+from minpro_megatron.config.base import UserError
+from minpro_megatron.metrics.report import read_scalars, write_csv, write_markdown_table
 
 __all__ = ["main", "collect", "run_local", "load_grid", "run_stats", "Cell", "SWEEP_PLOT_TAGS"]
 

@@ -133,7 +133,7 @@ def test_converter_mistakes_are_one_line(capsys, tmp_path) -> None:
 
 
 def test_debug_shows_the_traceback(capsys, monkeypatch) -> None:
-    from minpro_megatron.config_base import ConfigError
+    from minpro_megatron.config.base import ConfigError
 
     with pytest.raises(ConfigError):
         cli.train_main(["missing.yaml", "--debug"])

@@ -9,7 +9,7 @@ import yaml
 
 from minpro_megatron import cli
 from minpro_megatron.config import RunConfig, load_config, to_dict
-from minpro_megatron.config_docs import field_docs, render_markdown, undocumented_fields
+from minpro_megatron.config.docs import field_docs, render_markdown, undocumented_fields
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "examples" / "tiny_moe_cpu.yaml")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from minpro_megatron.config import ConfigError, load_config
-from minpro_megatron.logging.report import read_scalars
+from minpro_megatron.metrics.report import read_scalars
 from tests.mp_utils import run_multiprocess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ QUICK = [
 
 
 def run_trainer(argv: list[str]) -> int:
-    from minpro_megatron.trainer import main
+    from minpro_megatron.train.trainer import main
 
     return main(argv)
 
@@ -132,7 +132,7 @@ def _hf_policy_check(hf_dir: str, out: str) -> float:
     from minpro_megatron.config import load_config
     from minpro_megatron.learner.batch import TrainSample
     from minpro_megatron.learner.distributed import init_distributed
-    from minpro_megatron.trainer import RLTrainer
+    from minpro_megatron.train.trainer import RLTrainer
     from minpro_megatron.weights.verify import hf_logprob_reference
 
     cfg = load_config(TINY, [*QUICK, f"model.hf_path={hf_dir}", f"logging.output_dir={out}"])

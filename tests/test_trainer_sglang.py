@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from minpro_megatron.logging.report import read_scalars
-from minpro_megatron.rollout.auth import write_key_file
+from minpro_megatron.metrics.report import read_scalars
+from minpro_megatron.serving.auth import write_key_file
 from tests.mp_utils import run_multiprocess
 from tests.test_trainer_local import QUICK, TINY, run_trainer
 

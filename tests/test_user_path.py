@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from minpro_megatron import cli
-from minpro_megatron.logging.report import read_scalars
+from minpro_megatron.metrics.report import read_scalars
 from tests.test_trainer_local import QUICK, REPO, TINY
 
 
@@ -47,8 +47,8 @@ def test_summary_describes_the_run_and_internal_metrics_stay_out(run_dir) -> Non
 
 
 def test_first_and_last_are_values_for_short_series_and_window_means_for_long_ones(tmp_path) -> None:
-    from minpro_megatron.logging.run_summary import write_run_summary
-    from minpro_megatron.logging.writer import MetricsWriter
+    from minpro_megatron.metrics.run_summary import write_run_summary
+    from minpro_megatron.metrics.writer import MetricsWriter
 
     w = MetricsWriter(tmp_path / "tb")
     for step in range(7):  # sparse: like the demo's evaluations
@@ -68,7 +68,7 @@ def test_first_and_last_are_values_for_short_series_and_window_means_for_long_on
 
 
 def test_sample_dump_schema_and_viewer(run_dir, capsys) -> None:
-    from minpro_megatron.logging.samples import exclusive_prefix_min
+    from minpro_megatron.metrics.samples import exclusive_prefix_min
 
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["index"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
@@ -147,7 +147,7 @@ def test_checkpoint_of_a_run_from_scratch_exports_to_hf_and_transformers_loads_i
 def test_wandb_is_not_imported_when_off_and_gets_every_user_metric_when_on(tmp_path, monkeypatch) -> None:
     import types
 
-    from minpro_megatron.logging.writer import MetricsWriter
+    from minpro_megatron.metrics.writer import MetricsWriter
 
     monkeypatch.delitem(sys.modules, "wandb", raising=False)
     w = MetricsWriter(tmp_path / "off")

@@ -38,8 +38,8 @@ sys.path.insert(0, str(REPO))
 
 from bench_common import report  # noqa: E402
 from minpro_megatron.models.tiny_hf import build_tiny_model, checkpoint_state_dict, make_tiny_model_dir  # noqa: E402
-from minpro_megatron.rollout.server import ServerLaunchSpec, ServerPool, free_port  # noqa: E402
-from minpro_megatron.weights.buckets import iter_buckets  # noqa: E402
+from minpro_megatron.serving.server import ServerLaunchSpec, ServerPool, free_port  # noqa: E402
+from minpro_megatron.convert.buckets import iter_buckets  # noqa: E402
 from minpro_megatron.weights.sync import WeightSync  # noqa: E402
 from minpro_megatron.weights.transports import DistributedTransport  # noqa: E402
 from minpro_megatron.weights.update_group import destroy_update_group, init_update_group  # noqa: E402

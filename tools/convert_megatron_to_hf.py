@@ -75,7 +75,7 @@ def _side_dir(args: argparse.Namespace) -> Path | None:
 
 def _model_config(args: argparse.Namespace, side: Path | None):
     from minpro_megatron.config import ModelConfig
-    from minpro_megatron.config_base import UserError, from_dict
+    from minpro_megatron.config.base import UserError, from_dict
     from minpro_megatron.convert.hf_config import load_hf_config, model_config_from_hf
     from minpro_megatron.convert.megatron_checkpoint import checkpoint_extra, model_config_from_checkpoint
 
@@ -101,7 +101,7 @@ def _tokenizer_source(args: argparse.Namespace) -> str | None:
     """Where the exported tokenizer comes from when no config directory supplies it: the checkpoint's
     metadata or the run config (a tokenizer directory, or the built-in character tokenizer)."""
     from minpro_megatron.convert.megatron_checkpoint import checkpoint_extra
-    from minpro_megatron.trainer import BUILTIN_TOKENIZER
+    from minpro_megatron.train.trainer import BUILTIN_TOKENIZER
 
     source = checkpoint_extra(args.ckpt, args.iteration).get("tokenizer")
     if source is None:
@@ -113,7 +113,7 @@ def _tokenizer_source(args: argparse.Namespace) -> str | None:
 
 def _write_tokenizer(source: str | None, out: Path) -> list[str]:
     from minpro_megatron.convert.hf_io import copy_hf_side_files
-    from minpro_megatron.trainer import BUILTIN_TOKENIZER
+    from minpro_megatron.train.trainer import BUILTIN_TOKENIZER
 
     if source == BUILTIN_TOKENIZER:
         from minpro_megatron.models.tiny_hf import build_char_tokenizer

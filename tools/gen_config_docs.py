@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate docs/config.md from the config dataclasses (minpro_megatron/config_docs.py).
+"""Regenerate docs/config.md from the config dataclasses (minpro_megatron/config/docs.py).
 
     python tools/gen_config_docs.py            # writes docs/config.md
     python tools/gen_config_docs.py --check    # exit 1 if docs/config.md is out of date
@@ -16,7 +16,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
 def generate() -> str:
     from minpro_megatron.config import RunConfig
-    from minpro_megatron.config_docs import render_markdown
+    from minpro_megatron.config.docs import render_markdown
 
     return render_markdown(RunConfig)
 

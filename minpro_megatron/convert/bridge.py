@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from minpro_megatron.weights.buckets import Bucket, iter_buckets
+from minpro_megatron.convert.buckets import Bucket, iter_buckets
 
 __all__ = ["MegatronBridgeBackend", "bridge_available", "bridge_unavailable_reason", "BridgeUnavailableError"]
 

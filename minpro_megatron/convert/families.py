@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from minpro_megatron.config_base import ConfigError
+from minpro_megatron.config.base import ConfigError
 
 if TYPE_CHECKING:
     from minpro_megatron.config import ModelConfig

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from minpro_megatron.config_base import UserError
+from minpro_megatron.config.base import UserError
 
 __all__ = ["HFCheckpoint", "HFWeightsError", "write_safetensors_shards", "copy_hf_side_files", "HF_SIDE_FILES"]
 

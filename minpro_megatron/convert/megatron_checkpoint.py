@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from minpro_megatron.config import ModelConfig
-from minpro_megatron.config_base import from_dict, to_dict
+from minpro_megatron.config.base import from_dict, to_dict
 from minpro_megatron.learner.checkpoint import CheckpointError, checkpoint_path, latest_iteration, model_sharded_state_dict
 from minpro_megatron.convert.layout import unwrap
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from minpro_megatron.config_base import UserError
+from minpro_megatron.config.base import UserError
 from minpro_megatron.data.tasks import SYNTHETIC_TASKS, Problem, task_split
 
 __all__ = ["DatasetError", "load_problems", "PromptStream", "load_dataset_pair", "drop_overlong"]

@@ -42,7 +42,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def resolve_checkpoint(path: str | Path) -> tuple[Path, int | None, Path]:
     """(checkpoint root, iteration or None for the latest, run folder) for a run folder, a checkpoint
     root or an ``iter_XXXXXXX`` folder; a UserError that says where it looked otherwise."""
-    from minpro_megatron.config_base import UserError
+    from minpro_megatron.config.base import UserError
     from minpro_megatron.preflight import has_checkpoint
 
     path = Path(path)
@@ -75,7 +75,7 @@ def choose_sources(problems: list, path: str, data_source: str | None, task: str
     sorting); a UserError otherwise. Returns the problems and how the sources were decided."""
     import dataclasses
 
-    from minpro_megatron.config_base import UserError
+    from minpro_megatron.config.base import UserError
     from minpro_megatron.rewards import registered_sources
 
     missing = sum(1 for p in problems if not p.data_source)
@@ -108,7 +108,7 @@ def _result_path(run_dir: Path, name: str, iteration: int) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from minpro_megatron.cli_support import Parser
-    from minpro_megatron.config_base import UserError
+    from minpro_megatron.config.base import UserError
 
     p = Parser(prog="minpro-eval", description=__doc__.split("\n")[0], epilog="Graders and the row format: docs/data.md")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [OVERRIDE]",
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from minpro_megatron.learner.learner import Learner
     from minpro_megatron.data.prompts import encode_prompt
     from minpro_megatron.rollout.types import SamplingParams
-    from minpro_megatron.trainer import load_tokenizer, make_engine
+    from minpro_megatron.train.trainer import load_tokenizer, make_engine
 
     iteration = latest_iteration(root) if iteration is None else iteration
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)

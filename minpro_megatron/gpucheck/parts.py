@@ -155,8 +155,8 @@ def _sglang_push(ctx: CheckContext, hf: str, name: str, transport: str) -> Check
     from transformers import AutoModelForCausalLM
 
     from minpro_megatron.models.tiny_hf import checkpoint_state_dict
-    from minpro_megatron.rollout.server import ServerLaunchSpec, SGLangServer
-    from minpro_megatron.weights.buckets import iter_buckets
+    from minpro_megatron.serving.server import ServerLaunchSpec, SGLangServer
+    from minpro_megatron.convert.buckets import iter_buckets
     from minpro_megatron.weights.sync import WeightSync
     from minpro_megatron.weights.transports import DistributedTransport, TensorTransport
     from minpro_megatron.weights.verify import LogprobProbe, hf_logprob_reference

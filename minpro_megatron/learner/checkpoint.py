@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 import torch.distributed as dist
 
-from minpro_megatron.config_base import UserError
+from minpro_megatron.config.base import UserError
 
 if TYPE_CHECKING:
     from minpro_megatron.learner.learner import Learner

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from minpro_megatron.config import ParallelConfig
-from minpro_megatron.config_base import ConfigError
+from minpro_megatron.config.base import ConfigError
 
 __all__ = ["DistributedContext", "init_distributed", "destroy_distributed", "distributed_context"]
 

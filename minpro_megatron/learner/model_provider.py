@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from minpro_megatron.config import ModelConfig, ParallelConfig
-from minpro_megatron.config_base import ConfigError
+from minpro_megatron.config.base import ConfigError
 
 __all__ = [
     "build_gpt_model",

@@ -16,7 +16,7 @@ import torch
 
 from minpro_megatron.losses.base import PolicyLossImpl, run_policy_loss
 from minpro_megatron.losses.common import BatchTotals
-from minpro_megatron.losses.config import LossConfig
+from minpro_megatron.config.loss import LossConfig
 from minpro_megatron.losses.gspo import GSPOLoss
 from minpro_megatron.losses.minpro import MinPROLoss
 from minpro_megatron.losses.token_losses import CISPOLoss, GRPOLoss, M2POLoss

@@ -21,7 +21,7 @@ from minpro_megatron.losses.common import (
     run_scans,
     token_weights,
 )
-from minpro_megatron.losses.config import LossConfig
+from minpro_megatron.config.loss import LossConfig
 from minpro_megatron.losses.mismatch import tis_factor
 from minpro_megatron.parallel.cp_layout import ZigzagLayout
 from minpro_megatron.parallel.cp_scan import ScanRequest, ScanResult

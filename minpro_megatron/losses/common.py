@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minpro_megatron.losses.config import LossConfig
+from minpro_megatron.config.loss import LossConfig
 from minpro_megatron.losses.mismatch import mask_band_keep
 from minpro_megatron.parallel.cp_layout import ZigzagLayout
 from minpro_megatron.parallel.cp_scan import ScanRequest, ScanResult, cp_segmented_scans

@@ -25,7 +25,7 @@ import torch
 
 from minpro_megatron.losses.base import LossContext
 from minpro_megatron.losses.common import PolicyInputs
-from minpro_megatron.losses.config import LossConfig
+from minpro_megatron.config.loss import LossConfig
 from minpro_megatron.losses.mismatch import tis_factor
 from minpro_megatron.parallel.cp_scan import ScanRequest
 

@@ -25,7 +25,7 @@ import torch
 
 from minpro_megatron.losses.base import RHO_MIN, LossContext, per_token_share
 from minpro_megatron.losses.common import PolicyInputs, add_prefix_metrics, exclusive_log_prefix_min, log_clip_bounds
-from minpro_megatron.losses.config import LossConfig
+from minpro_megatron.config.loss import LossConfig
 from minpro_megatron.losses.token_losses import add_weight_clip_metrics
 from minpro_megatron.parallel.cp_scan import ScanRequest, ScanResult
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from minpro_megatron.losses.base import LossContext, per_token_share
 from minpro_megatron.losses.common import PolicyInputs, log_clip_bounds
-from minpro_megatron.losses.config import LossConfig
+from minpro_megatron.config.loss import LossConfig
 from minpro_megatron.parallel.cp_scan import ScanRequest
 from minpro_megatron.parallel.reduce import largest_true, ordered_bits_to_float32
 from minpro_megatron.parallel.segmented import float32_ordered_bits

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import aiohttp
 
-from minpro_megatron.rollout.auth import bearer
+from minpro_megatron.serving.auth import bearer
 from minpro_megatron.rollout.types import (
     RolloutError,
     SampleGroup,

@@ -20,13 +20,13 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from minpro_megatron.rollout.auth import check_fleet_auth, resolve_api_key
+from minpro_megatron.serving.auth import check_fleet_auth, resolve_api_key
 from minpro_megatron.rollout.client import RolloutClient
-from minpro_megatron.rollout.control import ServerControl
-from minpro_megatron.rollout.orphans import PidFile
-from minpro_megatron.rollout.router import RouterAdmin, RouterProcess
-from minpro_megatron.rollout.server import ServerLaunchSpec, ServerPool, SGLangServer
-from minpro_megatron.weights.buckets import Bucket
+from minpro_megatron.serving.control import ServerControl
+from minpro_megatron.serving.orphans import PidFile
+from minpro_megatron.serving.router import RouterAdmin, RouterProcess
+from minpro_megatron.serving.server import ServerLaunchSpec, ServerPool, SGLangServer
+from minpro_megatron.convert.buckets import Bucket
 from minpro_megatron.weights.sync import SyncResult, WeightSync, WeightSyncError
 from minpro_megatron.weights.transports import DiskTransport, DistributedTransport, TensorTransport, Transport
 from minpro_megatron.weights.verify import LogprobProbe, LogprobReference, WeightVerificationError

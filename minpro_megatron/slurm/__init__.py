@@ -1,5 +1,3 @@
 """Slurm launch for clusters: sbatch generation (submit), layout and memory checks, a distributed
-health check (doctor), preemption handling and a real single-host Slurm cluster for tests (local_cluster).
-
-Modules import lazily from here on purpose: ``minpro_megatron.config`` imports ``slurm.config``.
-"""
+health check (doctor), job status, and a real single-host Slurm cluster for tests (local_cluster).
+The top layer: it reads configs and starts the trainer; nothing below imports it."""

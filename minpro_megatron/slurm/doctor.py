@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from minpro_megatron.slurm.preemption import StopRequest
+from minpro_megatron.train.stop import StopRequest
 
 __all__ = ["main", "all_gather_json", "check_collectives", "measure_bandwidth"]
 
@@ -139,7 +139,7 @@ def check_layout(config: str, overrides: list[str], world: int) -> dict[str, Any
 
 def check_servers(urls: list[str], timeout: float = 10.0, api_key: str | None = None) -> list[dict[str, Any]]:
     """GET /health of every server; with the fleet's API key also GET /model_info, which needs it."""
-    from minpro_megatron.rollout.auth import bearer
+    from minpro_megatron.serving.auth import bearer
 
     rows = []
     for url in urls:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if urls:
         key_file = (layout or {}).get("api_key_file")
         if rank == 0:
-            from minpro_megatron.rollout.auth import read_key_file
+            from minpro_megatron.serving.auth import read_key_file
 
             servers = check_servers(urls, api_key=read_key_file(key_file) if key_file else None)
         else:

@@ -17,8 +17,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from minpro_megatron.config_base import ConfigError
-from minpro_megatron.rollout.auth import bearer, read_key_file
+from minpro_megatron.config.base import ConfigError
+from minpro_megatron.serving.auth import bearer, read_key_file
 from minpro_megatron.atomic_io import atomic_write_text
 
 __all__ = ["listed_urls", "healthy", "wait_for_fleet", "main"]

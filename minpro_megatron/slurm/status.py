@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from typing import Sequence
 
-from minpro_megatron.config_base import UserError
+from minpro_megatron.config.base import UserError
 
 __all__ = ["check_slurm_reachable", "job_status", "parse_scontrol_line", "main"]
 

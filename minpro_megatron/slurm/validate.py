@@ -16,7 +16,8 @@ import re
 import shlex
 from typing import TYPE_CHECKING, Mapping
 
-from minpro_megatron.config_base import ConfigError
+from minpro_megatron.config.base import ConfigError
+from minpro_megatron.config.secrets import is_secret_name, masked_dict  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from minpro_megatron.config import RunConfig
@@ -38,7 +39,6 @@ PATTERNS = {
     "env_key": (re.compile(r"[A-Za-z_][A-Za-z0-9_]*"), "a shell variable name: letters, digits, '_', not starting with a digit"),
     "module": (re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"), "a dotted Python module name (e.g. sglang.launch_server)"),
 }
-_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
 
 def _check(field: str, value: object, kind: str) -> None:
@@ -72,11 +72,6 @@ def check_run_dir(path: str) -> None:
                           "whitespace, control characters, quotes, '$', '`' or ';': #SBATCH --output cannot quote it")
 
 
-def is_secret_name(name: str) -> bool:
-    """Env names that look like credentials (HF_TOKEN, WANDB_API_KEY, MINPRO_API_KEY, DB_PASSWORD, ...)."""
-    return bool(_SECRET.search(name))
-
-
 def mask_env_lines(text: str, env: Mapping[str, object]) -> str:
     """``text`` with the value of every ``export NAME=<quoted value>`` line of a secret-looking name
     replaced by '***' (exactly the quoted text submit.py wrote, so a multi-line value is masked whole)."""
@@ -84,13 +79,3 @@ def mask_env_lines(text: str, env: Mapping[str, object]) -> str:
         if is_secret_name(str(name)):
             text = text.replace(f"export {name}={shlex.quote(str(value))}", f"export {name}={MASK}")
     return text
-
-
-def masked_dict(data: dict) -> dict:
-    """A copy of a config dict (``to_dict(cfg)``) with secret-looking ``slurm.env`` values as '***', for
-    copies of the config that land in logs and output directories."""
-    out = dict(data)
-    slurm = out.get("slurm")
-    if isinstance(slurm, dict) and isinstance(slurm.get("env"), dict):
-        out["slurm"] = {**slurm, "env": {k: ("***" if is_secret_name(str(k)) else v) for k, v in slurm["env"].items()}}
-    return out

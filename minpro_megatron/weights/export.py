@@ -36,7 +36,7 @@ import torch.distributed as dist
 from minpro_megatron.config import ModelConfig
 from minpro_megatron.convert.layout import LocalParam, local_params, merge_shards
 from minpro_megatron.convert.mapping import Geometry, ParamMap, param_maps, to_hf
-from minpro_megatron.weights.buckets import Bucket, iter_buckets
+from minpro_megatron.convert.buckets import Bucket, iter_buckets
 
 __all__ = ["ExportError", "HFExporter", "export_hf_buckets"]
 

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence
 
-from minpro_megatron.rollout.control import ServerControl
-from minpro_megatron.weights.buckets import Bucket
+from minpro_megatron.serving.control import ServerControl
+from minpro_megatron.convert.buckets import Bucket
 from minpro_megatron.weights.transports import Transport, _parallel
 from minpro_megatron.weights.verify import LogprobProbe, LogprobReference, ProbeResult, WeightVerificationError
 

@@ -36,9 +36,9 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from minpro_megatron.rollout.control import ServerControl, ServerControlError
-from minpro_megatron.rollout.server import free_port
-from minpro_megatron.weights.buckets import Bucket, FlatBucket, bucket_nbytes, dtype_name, validate_bucket
+from minpro_megatron.serving.control import ServerControl, ServerControlError
+from minpro_megatron.serving.server import free_port
+from minpro_megatron.convert.buckets import Bucket, FlatBucket, bucket_nbytes, dtype_name, validate_bucket
 from minpro_megatron.weights.update_group import destroy_update_group, init_update_group
 
 __all__ = [

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import requests
 import torch
 
-from minpro_megatron.rollout.auth import bearer
+from minpro_megatron.serving.auth import bearer
 
 __all__ = ["LogprobReference", "ProbeResult", "LogprobProbe", "WeightVerificationError", "hf_logprob_reference", "server_probe_logprobs"]
 

@@ -61,7 +61,7 @@ def _vocab(hf_dir: Path) -> int:
 def _export_check(chunks: list, model, hf_dir: Path) -> dict:
     import torch.distributed as dist
 
-    from minpro_megatron.weights.buckets import bucket_nbytes
+    from minpro_megatron.convert.buckets import bucket_nbytes
     from minpro_megatron.weights.export import HFExporter
 
     buckets = list(HFExporter(chunks, model).buckets(BUCKET))

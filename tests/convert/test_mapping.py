@@ -174,7 +174,7 @@ def test_reader_names_missing_and_misshapen_tensors(tmp_path):
 
 def test_missing_config_field_and_vocab_padding_rule():
     from minpro_megatron.config import ParallelConfig
-    from minpro_megatron.config_base import ConfigError
+    from minpro_megatron.config.base import ConfigError
     from minpro_megatron.learner.model_provider import validate_model_layout
 
     raw = _hf_model("Qwen2ForCausalLM").config.to_dict()

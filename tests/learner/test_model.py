@@ -81,7 +81,7 @@ def _single_rank_checks() -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from minpro_megatron.config_base import ConfigError
+    from minpro_megatron.config.base import ConfigError
 
     out: dict = {}
     try:

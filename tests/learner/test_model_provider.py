@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from minpro_megatron.config import ParallelConfig
-from minpro_megatron.config_base import ConfigError
+from minpro_megatron.config.base import ConfigError
 from minpro_megatron.learner.model_provider import layer_spec_for, te_usable, transformer_config_from
 from tests.learner.model_helpers import tiny_moe
 

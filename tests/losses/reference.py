@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from minpro_megatron.losses.config import LossConfig
+from minpro_megatron.config.loss import LossConfig
 
 
 def mismatch_ratio(seq: dict, t: int) -> float:

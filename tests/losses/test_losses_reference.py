@@ -141,7 +141,7 @@ def test_registry_names_and_errors() -> None:
 
 
 def test_config_validation_names_the_field() -> None:
-    from minpro_megatron.config_base import ConfigError
+    from minpro_megatron.config.base import ConfigError
 
     with pytest.raises(ConfigError, match="loss.dual_clip"):
         LossConfig(name="grpo", dual_clip=0.5).validate()
@@ -167,7 +167,7 @@ def test_grpo_log_ratio_clamp_bounds_the_ratio_like_verl() -> None:
     a, _ = policy_loss(q.logp, q.old_logp, q.adv, q.mask, q.layout, LossConfig(name="grpo"))
     b, _ = policy_loss(q.logp, q.old_logp, q.adv, q.mask, q.layout, LossConfig(name="grpo", log_ratio_clamp=20.0))
     assert float(a) == float(b)
-    from minpro_megatron.config_base import ConfigError
+    from minpro_megatron.config.base import ConfigError
 
     with pytest.raises(ConfigError, match="loss.log_ratio_clamp"):
         LossConfig(name="cispo", log_ratio_clamp=20.0).validate()
@@ -226,7 +226,7 @@ def test_mismatch_correction_matches_reference_float64(base: LossConfig, corr: d
 
 
 def test_mismatch_correction_needs_rollout_logp_and_recompute() -> None:
-    from minpro_megatron.config_base import ConfigError
+    from minpro_megatron.config.base import ConfigError
 
     p = pack(random_sequences(0))
     cfg = LossConfig(name="cispo", mismatch_correction="tis", old_logp="recompute")

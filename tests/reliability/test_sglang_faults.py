@@ -25,7 +25,7 @@ SGLANG = ["rollout.backend=sglang", "rollout.num_servers=1", "rollout.server_dty
 
 
 def _train_catching(argv: list[str]) -> dict:
-    from minpro_megatron.trainer import main
+    from minpro_megatron.train.trainer import main
 
     t0 = time.time()
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from minpro_megatron.config import ConfigError, load_config
-from minpro_megatron.logging.report import read_scalars
+from minpro_megatron.metrics.report import read_scalars
 from tests.mp_utils import MultiprocessError, run_multiprocess
 from tests.test_trainer_local import QUICK, TINY, run_trainer
 
@@ -78,7 +78,7 @@ def _nan_run(out: str) -> dict:
     import torch
 
     from minpro_megatron.learner.distributed import init_distributed
-    from minpro_megatron.trainer import NonFiniteError, RLTrainer
+    from minpro_megatron.train.trainer import NonFiniteError, RLTrainer
 
     cfg = load_config(TINY, [*QUICK, "train.warm_start_steps=0", "train.steps=5", "checkpoint.save_interval=1",
                              "train.max_nonfinite_skips=1", "train.eval_interval=0", f"logging.output_dir={out}"])
@@ -157,7 +157,7 @@ def test_rollout_batch_not_divisible_by_dp_fails_up_front() -> None:
 
 def _stop_during_warm_start(out: str, stop_file: str, stop_after: int) -> dict:
     from minpro_megatron.learner.distributed import init_distributed
-    from minpro_megatron.trainer import RLTrainer
+    from minpro_megatron.train.trainer import RLTrainer
 
     cfg = load_config(TINY, [*QUICK, "train.warm_start_steps=6", "train.steps=1", "checkpoint.save_interval=1",
                              f"logging.output_dir={out}"])
@@ -192,7 +192,7 @@ def test_stop_file_is_honoured_during_the_warm_start(tmp_path) -> None:
 
 def _overlong(out: str, data: str) -> dict:
     from minpro_megatron.learner.distributed import init_distributed
-    from minpro_megatron.trainer import RLTrainer
+    from minpro_megatron.train.trainer import RLTrainer
 
     cfg = load_config(TINY, [*QUICK, "data.task=jsonl", f"data.train_path={data}", f"logging.output_dir={out}"])
     init_distributed(cfg.parallel, seed=0)
@@ -215,7 +215,7 @@ def test_over_long_rows_are_dropped_and_counted_at_load(tmp_path, capfd) -> None
 
 def _warm_start_position(out: str, updates_per_batch: int) -> dict:
     from minpro_megatron.learner.distributed import init_distributed
-    from minpro_megatron.trainer import RLTrainer
+    from minpro_megatron.train.trainer import RLTrainer
 
     cfg = load_config(TINY, [*QUICK, "train.warm_start_steps=2", f"train.updates_per_batch={updates_per_batch}",
                              f"logging.output_dir={out}"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minpro_megatron.weights.buckets import FlatBucket, bucket_nbytes, iter_buckets, validate_bucket
+from minpro_megatron.convert.buckets import FlatBucket, bucket_nbytes, iter_buckets, validate_bucket
 from minpro_megatron.weights.transports import TensorTransport, with_last
 
 

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from minpro_megatron.rollout.cpu_support import STANDIN_DIR, cuda_available, server_env
+from minpro_megatron.serving.cpu_support import STANDIN_DIR, cuda_available, server_env
 
 STANDIN_CHECK = textwrap.dedent(
     """

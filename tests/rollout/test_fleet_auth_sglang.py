@@ -18,13 +18,13 @@ import requests
 
 from minpro_megatron.config import ConfigError, RolloutConfig
 from minpro_megatron.models.tiny_hf import checkpoint_state_dict
-from minpro_megatron.rollout import auth
-from minpro_megatron.rollout.control import ServerControl, ServerControlError
+from minpro_megatron.serving import auth
+from minpro_megatron.serving.control import ServerControl, ServerControlError
 from minpro_megatron.rollout.fleet import RolloutFleet
-from minpro_megatron.rollout.router import RouterAdmin, RouterError
+from minpro_megatron.serving.router import RouterAdmin, RouterError
 from minpro_megatron.rollout.types import RolloutError, SamplingParams
 from minpro_megatron.rollout.client import RolloutClient
-from minpro_megatron.weights.buckets import iter_buckets
+from minpro_megatron.convert.buckets import iter_buckets
 from minpro_megatron.weights.transports import DistributedTransport
 from minpro_megatron.weights.verify import LogprobProbe, hf_logprob_reference, server_probe_logprobs
 
@@ -148,7 +148,7 @@ def test_key_files_are_private(tmp_path, monkeypatch):
         auth.resolve_api_key(RolloutConfig(api_key_file=str(tmp_path / "short")))
     assert auth.resolve_api_key(RolloutConfig()) is None  # loopback single host: no key needed
     with pytest.raises(ValueError, match="api_key"):  # a public bind without a key is refused at launch
-        from minpro_megatron.rollout.server import ServerLaunchSpec
+        from minpro_megatron.serving.server import ServerLaunchSpec
 
         ServerLaunchSpec(model_path=str(tmp_path), host="0.0.0.0", allow_public_bind=True).validate()
 
@@ -159,7 +159,7 @@ def test_slurm_fleet_wait_and_stub_server_use_the_key(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from minpro_megatron.rollout.server import free_port
+    from minpro_megatron.serving.server import free_port
     from minpro_megatron.slurm import fleet as slurm_fleet
 
     monkeypatch.delenv(auth.ENV_VAR, raising=False)

@@ -21,10 +21,10 @@ import torch
 from minpro_megatron.config import RolloutConfig
 from minpro_megatron.models.tiny_hf import checkpoint_state_dict
 from minpro_megatron.rollout.client import RolloutClient
-from minpro_megatron.rollout.control import ServerControl
+from minpro_megatron.serving.control import ServerControl
 from minpro_megatron.rollout.fleet import RolloutFleet
 from minpro_megatron.rollout.types import SamplingParams
-from minpro_megatron.weights.buckets import iter_buckets
+from minpro_megatron.convert.buckets import iter_buckets
 from minpro_megatron.weights.transports import DiskTransport, DistributedTransport
 from minpro_megatron.weights.sync import WeightSync, WeightSyncError
 from minpro_megatron.weights.verify import LogprobProbe, WeightVerificationError, hf_logprob_reference, server_probe_logprobs

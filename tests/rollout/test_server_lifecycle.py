@@ -12,8 +12,8 @@ import psutil
 import pytest
 
 from minpro_megatron.config import ConfigError, RolloutConfig
-from minpro_megatron.rollout.router import RouterProcess
-from minpro_megatron.rollout.server import ServerLaunchSpec, SGLangServer, ServerStartError
+from minpro_megatron.serving.router import RouterProcess
+from minpro_megatron.serving.server import ServerLaunchSpec, SGLangServer, ServerStartError
 
 
 def group_members(pgid: int) -> list[int]:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from minpro_megatron.models.tiny_hf import build_tiny_model, checkpoint_state_dict, make_tiny_model_dir
-from minpro_megatron.weights.buckets import FlatBucket, iter_buckets
+from minpro_megatron.convert.buckets import FlatBucket, iter_buckets
 from minpro_megatron.weights.transports import stage_buckets
 from tests.mp_utils import run_multiprocess
 

@@ -12,7 +12,7 @@ import yaml
 
 from minpro_megatron.config import ConfigError, load_config, to_dict
 from minpro_megatron.slurm import submit
-from minpro_megatron.slurm.validate import masked_dict
+from minpro_megatron.config.secrets import masked_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3_8B = ROOT / "examples" / "qwen3_8b_h100.yaml"

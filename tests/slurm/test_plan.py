@@ -19,7 +19,7 @@ from minpro_megatron.config import ConfigError, load_config
 from minpro_megatron.slurm import fleet, netif, submit
 from minpro_megatron.slurm.layout import parse_time, plan_layout
 from minpro_megatron.slurm.memory import GiB, count_parameters, estimate_learner_memory
-from minpro_megatron.slurm.preemption import StopRequest
+from minpro_megatron.train.stop import StopRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3_8B = ROOT / "examples" / "qwen3_8b_h100.yaml"

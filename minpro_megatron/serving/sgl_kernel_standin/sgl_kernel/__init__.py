@@ -10,7 +10,7 @@ It deliberately registers NO ``torch.ops.sgl_kernel.*`` op: SGLang probes those 
 ``convert_weight_packed``, ``fused_qk_norm_rope_cpu``) to switch onto AMX / fused paths that this
 stand-in cannot serve.
 
-Made visible only to SGLang server processes, by minpro_megatron.rollout.cpu_support prepending this
+Made visible only to SGLang server processes, by minpro_megatron.serving.cpu_support prepending this
 directory's parent to the server's PYTHONPATH; never installed into site-packages.
 Set MINPRO_SGL_STANDIN_LOG=/path to append "<pid> resolve|call <name>" lines for every stub touched.
 """

@@ -66,7 +66,7 @@ class LossConfig:
         return (lo if self.eps_low is None else self.eps_low, hi if self.eps_high is None else self.eps_high)
 
     def validate(self) -> None:
-        from minpro_megatron.config_base import ConfigError
+        from minpro_megatron.config.base import ConfigError
 
         lo, hi = self.clip_range()
         if lo < 0 or hi < 0:

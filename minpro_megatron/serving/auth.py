@@ -8,7 +8,7 @@ With a key, SGLang (``--api-key``, srt/utils/auth.py) answers 401 to every endpo
 
 Where the key comes from (``resolve_api_key``): ``rollout.api_key_file`` (a file of mode 0600 holding
 the key), else the environment variable MINPRO_API_KEY, else none. A Slurm job with rollout nodes makes a
-fresh key per job (``python -m minpro_megatron.rollout.auth new FILE``, called by the job script) next to
+fresh key per job (``python -m minpro_megatron.serving.auth new FILE``, called by the job script) next to
 the fleet's URL files. Without a key every URL must be loopback (``check_fleet_auth``).
 
 Servers read the key from a 0600 YAML file (``--config``) so it never appears in a process list; the
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 from urllib.parse import urlsplit
 
-from minpro_megatron.config_base import ConfigError
+from minpro_megatron.config.base import ConfigError
 
 if TYPE_CHECKING:
     from minpro_megatron.config import RolloutConfig
@@ -82,7 +82,7 @@ def read_key_file(path: str | os.PathLike, field: str = "rollout.api_key_file") 
         st = p.stat()
     except FileNotFoundError:
         raise ConfigError(f"{field}={str(path)!r} does not exist; create it with "
-                          f"`python -m minpro_megatron.rollout.auth new {path}`") from None
+                          f"`python -m minpro_megatron.serving.auth new {path}`") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"{field}={str(path)!r} is readable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
                           f"run `chmod 600 {path}`")
@@ -123,7 +123,7 @@ def check_fleet_auth(cfg: "RolloutConfig", key: str | None, urls: Iterable[str] 
     if public:
         raise ConfigError(
             f"{public[0]} is not a loopback address and the fleet has no API key: anyone who reaches it could push "
-            f"weights or forge rollouts. Set rollout.api_key_file (a 0600 file; `python -m minpro_megatron.rollout.auth "
+            f"weights or forge rollouts. Set rollout.api_key_file (a 0600 file; `python -m minpro_megatron.serving.auth "
             f"new FILE` makes one) or {ENV_VAR}; rollout.allow_unauthenticated=true only on a private network"
         )
 
@@ -145,7 +145,7 @@ def redact(args: Iterable[str], key: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m minpro_megatron.rollout.auth", description="rollout fleet API keys")
+    ap = argparse.ArgumentParser(prog="python -m minpro_megatron.serving.auth", description="rollout fleet API keys")
     sub = ap.add_subparsers(dest="cmd", required=True)
     n = sub.add_parser("new", help=f"write ${ENV_VAR} (or a new random key) to FILE (mode 0600) and "
                                    "FILE.sglang.yaml (sglang.launch_server --config)")

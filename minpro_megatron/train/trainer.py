@@ -28,7 +28,7 @@ from minpro_megatron.data.prompts import encode_prompt
 from minpro_megatron.data.tasks import Problem
 from minpro_megatron.learner.batch import TrainSample, global_batch_totals
 from minpro_megatron.learner.recompute import recompute_old_logp
-from minpro_megatron.logging.writer import MetricsWriter
+from minpro_megatron.metrics.writer import MetricsWriter
 from minpro_megatron.parallel.reduce import all_reduce_sum
 from minpro_megatron.rewards import reward
 from minpro_megatron.rollout.buffer import BoundedAgeBuffer, ExactDelaySchedule, token_age_histogram
@@ -36,7 +36,7 @@ from minpro_megatron.rollout.types import RolloutSample, SamplingParams
 
 __all__ = ["RLTrainer", "Group", "NonFiniteError", "main"]
 
-log = logging.getLogger("minpro_megatron.trainer")
+log = logging.getLogger("minpro_megatron.train.trainer")
 
 
 class NonFiniteError(RuntimeError):
@@ -86,7 +86,7 @@ class RLTrainer:
 
         from minpro_megatron.learner.learner import Learner
 
-        from minpro_megatron.slurm.preemption import StopRequest
+        from minpro_megatron.train.stop import StopRequest
 
         # A SIGTERM / stop file during init and warm start is recorded and honoured at the next check
         # (after the engine is up, and after every warm-start step) instead of being lost.
@@ -100,7 +100,7 @@ class RLTrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             import yaml
 
-            from minpro_megatron.slurm.validate import masked_dict
+            from minpro_megatron.config.secrets import masked_dict
 
             # secret-looking slurm.env values as '***': the output directory is shared and copied around
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(masked_dict(to_dict(cfg)), sort_keys=False))
@@ -325,7 +325,7 @@ class RLTrainer:
         self._inflight = []
         self.rl_step += 1
         if dump and self.rank == 0:
-            from minpro_megatron.logging.samples import append_rows
+            from minpro_megatron.metrics.samples import append_rows
 
             append_rows(self.out_dir, [dict(row, step=self.rl_step) for row in dump])
         t2 = time.perf_counter()
@@ -357,7 +357,7 @@ class RLTrainer:
     def _sample_dump(self, groups: Sequence[Group]) -> list[dict]:
         """logging.dump_samples rows of this rank's first samples, scored by the current (pre-update) policy.
         Collective: every rank scores the same number of samples (experts may span DP ranks)."""
-        from minpro_megatron.logging.samples import sample_row
+        from minpro_megatron.metrics.samples import sample_row
 
         picked = [(g, s, r, a) for g in groups for s, r, a in zip(g.samples, g.rewards, g.advantages) if s.response_ids]
         n = int(-self._max_dp(-min(self.cfg.logging.dump_samples, len(picked))))
@@ -555,7 +555,7 @@ class RLTrainer:
                 raise FileNotFoundError(f"checkpoint.load={str(root)!r} holds no checkpoint (no latest_checkpointed_iteration.txt)")
             return False
         from minpro_megatron.learner.checkpoint import read_common
-        from minpro_megatron.resume_check import check_resume_config
+        from minpro_megatron.config.resume import check_resume_config
 
         path, common = read_common(root)
         check_resume_config((common.get("extra") or {}).get("config"), to_dict(self.cfg), str(path))
@@ -725,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("a run config is required, e.g. minpro-train examples/tiny_moe_cpu.yaml (or --show-config)")
     cfg = load_config(config, overrides)
     if a.show_config:
-        from minpro_megatron.config_docs import render_resolved
+        from minpro_megatron.config.docs import render_resolved
 
         print(render_resolved(cfg, f"minpro-train --show-config {' '.join(a.args)}".rstrip()), end="")
         return 0
@@ -749,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             trainer.run()
             if ctx.rank == 0:
-                from minpro_megatron.logging.run_summary import write_run_summary
+                from minpro_megatron.metrics.run_summary import write_run_summary
 
                 write_run_summary(Path(cfg.logging.output_dir))
         finally:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from minpro_megatron.config_base import ConfigError
+from minpro_megatron.config.base import ConfigError
 
 __all__ = ["RESUME_MAY_CHANGE", "flatten", "config_differences", "check_resume_config"]
 
@@ -67,5 +67,5 @@ def check_resume_config(saved: Mapping[str, Any] | None, current: Mapping[str, A
             f"checkpoint {where} belongs to a run with another config ({fields}). Resume with the checkpoint's "
             "values, or start a new run (another logging.output_dir / checkpoint.dir). Fields that may change on "
             "resume: train.steps, train.eval_interval, logging.*, checkpoint.*, parallel.*, the rollout fleet's "
-            "plumbing (see minpro_megatron/resume_check.py)"
+            "plumbing (see minpro_megatron/config/resume.py)"
         )

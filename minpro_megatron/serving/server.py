@@ -22,9 +22,9 @@ from typing import Callable, Literal, Sequence
 
 import requests
 
-from minpro_megatron.rollout.auth import bearer, is_loopback_host, write_sglang_auth_config
-from minpro_megatron.rollout.cpu_support import cpu_server_args, cuda_available, server_env, uses_standin
-from minpro_megatron.rollout.orphans import PidFile, spawn
+from minpro_megatron.serving.auth import bearer, is_loopback_host, write_sglang_auth_config
+from minpro_megatron.serving.cpu_support import cpu_server_args, cuda_available, server_env, uses_standin
+from minpro_megatron.serving.orphans import PidFile, spawn
 
 __all__ = ["ServerLaunchSpec", "SGLangServer", "ServerPool", "ServerStartError", "free_port", "stop_pid_tree"]
 

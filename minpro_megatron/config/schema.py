@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
-from minpro_megatron.config_base import ConfigError, load_yaml_config, to_dict
-from minpro_megatron.losses.config import LossConfig
-from minpro_megatron.slurm.config import SlurmConfig
+from minpro_megatron.config.base import ConfigError, load_yaml_config, to_dict
+from minpro_megatron.config.loss import LossConfig
+from minpro_megatron.config.slurm import SlurmConfig
 
 __all__ = [
     "ModelConfig",

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from minpro_megatron.logging.report import plot_runs, read_scalars, read_wall_span, summary_rows, write_markdown_table
+from minpro_megatron.metrics.report import plot_runs, read_scalars, read_wall_span, summary_rows, write_markdown_table
 
 __all__ = ["SUMMARY_TAGS", "PLOT_TAGS", "WARM_START_TAG", "INTERNAL_PREFIX", "run_description", "write_run_summary"]
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import requests
 
-from minpro_megatron.rollout.auth import bearer
+from minpro_megatron.serving.auth import bearer
 
 __all__ = ["ServerControl", "ServerControlError"]
 

@@ -16,9 +16,9 @@ from typing import Literal
 
 import requests
 
-from minpro_megatron.rollout.auth import bearer, redact, router_auth_args
-from minpro_megatron.rollout.orphans import PidFile, spawn
-from minpro_megatron.rollout.server import ServerStartError, free_port, stop_pid_tree
+from minpro_megatron.serving.auth import bearer, redact, router_auth_args
+from minpro_megatron.serving.orphans import PidFile, spawn
+from minpro_megatron.serving.server import ServerStartError, free_port, stop_pid_tree
 
 __all__ = ["RouterProcess", "RouterAdmin", "RouterError"]
 

@@ -66,7 +66,7 @@ def read_rows(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir)
     path = path if path.is_file() else path / SAMPLES_FILE
     if not path.is_file():
-        from minpro_megatron.config_base import UserError
+        from minpro_megatron.config.base import UserError
 
         raise UserError(f"{path} does not exist: run with logging.dump_samples=N (N samples per step)")
     by_key: dict[tuple[int, int], dict] = {}
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif a.step is not None:
         rows = [r for r in rows if r["step"] == a.step]
         if not rows:
-            from minpro_megatron.config_base import UserError
+            from minpro_megatron.config.base import UserError
 
             raise UserError(f"no samples of step {a.step}; dumped steps: {steps[0]}..{steps[-1]}" if steps else "no samples")
     shown: dict[int, int] = {}
