@@ -16,7 +16,7 @@ import pytest
 
 from minpro_megatron import cli
 from minpro_megatron.metrics.report import read_scalars
-from tests.test_trainer_local import QUICK, REPO, TINY
+from tests.train.test_trainer_local import QUICK, REPO, TINY
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def convert(args: argparse.Namespace) -> Path:
     import torch
 
     from minpro_megatron.config import ModelConfig
-    from minpro_megatron.convert.hf_config import load_hf_config, model_config_from_hf
+    from minpro_megatron.config.hf_model import load_hf_config, model_config_from_hf
     from minpro_megatron.convert.hf_io import HFCheckpoint, copy_hf_side_files
     from minpro_megatron.convert.layout import local_params
     from minpro_megatron.convert.loader import load_hf_weights

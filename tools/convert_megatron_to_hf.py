@@ -76,7 +76,7 @@ def _side_dir(args: argparse.Namespace) -> Path | None:
 def _model_config(args: argparse.Namespace, side: Path | None):
     from minpro_megatron.config import ModelConfig
     from minpro_megatron.config.base import UserError, from_dict
-    from minpro_megatron.convert.hf_config import load_hf_config, model_config_from_hf
+    from minpro_megatron.config.hf_model import load_hf_config, model_config_from_hf
     from minpro_megatron.convert.megatron_checkpoint import checkpoint_extra, model_config_from_checkpoint
 
     stored = model_config_from_checkpoint(args.ckpt, args.iteration)
@@ -127,7 +127,7 @@ def _write_tokenizer(source: str | None, out: Path) -> list[str]:
 def convert(args: argparse.Namespace) -> Path:
     import torch
 
-    from minpro_megatron.convert.hf_config import hf_config_from_model
+    from minpro_megatron.config.hf_model import hf_config_from_model
     from minpro_megatron.convert.hf_io import copy_hf_side_files, write_safetensors_shards
     from minpro_megatron.convert.megatron_checkpoint import load_model_checkpoint
     from minpro_megatron.convert.tool_support import Stats, parallel_from_args, progress

@@ -372,5 +372,15 @@ class RunConfig:
             raise ConfigError(f"rollout.staleness.n must be >= 0, got {self.rollout.staleness.n}")
 
 
-def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunConfig:
-    return load_yaml_config(RunConfig, path, overrides)
+def load_config(path: str | Path | None, overrides: Iterable[str] = (), *, resolve_model: bool = True) -> RunConfig:
+    """The run config of ``path`` + ``overrides``, every section validated. With ``model.hf_path`` set (and its
+    config.json present), the model section is resolved from that config.json (config/hf_model.py), so the
+    trainer, evaluation and the Slurm planner see the real architecture. A missing hf_path is left to the
+    input checks (preflight.py), which name the field. Rules that need the world size:
+    ``RunConfig.validate(world_size)``."""
+    cfg = load_yaml_config(RunConfig, path, overrides)
+    if resolve_model and cfg.model.hf_path and (Path(cfg.model.hf_path) / "config.json").is_file():
+        from minpro_megatron.config.hf_model import resolve_model_config
+
+        cfg.model = resolve_model_config(cfg.model)
+    return cfg

@@ -12,8 +12,8 @@ Megatron names <-> HF tensors), layout (live sharded parameters -> canonical nam
 bridge (optional Megatron-Bridge backend).
 """
 
-from minpro_megatron.convert.families import FAMILIES, UnsupportedModelError, family_for, supported_architectures
-from minpro_megatron.convert.hf_config import hf_config_from_model, load_hf_config, model_config_from_hf, resolve_model_config
+from minpro_megatron.config.hf_families import FAMILIES, UnsupportedModelError, family_for, supported_architectures
+from minpro_megatron.config.hf_model import hf_config_from_model, load_hf_config, model_config_from_hf, resolve_model_config
 from minpro_megatron.convert.hf_io import HFCheckpoint, HFWeightsError, write_safetensors_shards
 from minpro_megatron.convert.loader import load_hf_weights
 from minpro_megatron.convert.mapping import ParamMap, hf_tensor_names, param_maps, to_hf, to_megatron

@@ -25,7 +25,7 @@ from typing import Literal, Sequence
 import torch
 
 from minpro_megatron.config import ModelConfig
-from minpro_megatron.convert.families import Family, family_for
+from minpro_megatron.config.hf_families import Family, family_for
 
 __all__ = ["Geometry", "ParamMap", "hf_tensor_names", "param_maps", "to_hf", "to_megatron"]
 

@@ -117,7 +117,7 @@ def model_config_from_checkpoint(root: str | Path, iteration: int | None = None)
     if extra.get("model_config"):
         return from_dict(ModelConfig, dict(extra["model_config"]))
     if extra.get("hf_config"):
-        from minpro_megatron.convert.hf_config import model_config_from_hf
+        from minpro_megatron.config.hf_model import model_config_from_hf
 
         return model_config_from_hf(extra["hf_config"])
     return None

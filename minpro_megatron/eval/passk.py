@@ -19,9 +19,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-import torch.distributed as dist
-
 __all__ = ["pass_at_k", "main"]
 
 
@@ -131,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from minpro_megatron.config import load_config
     from minpro_megatron.data.dataset import load_problems
     from minpro_megatron.preflight import check_run_inputs
-    from minpro_megatron.rewards import grader_name, reward
+    from minpro_megatron.rewards import grader_name
 
     # Every input is checked (and every file read) before a process group or model exists.
     root, iteration, run_dir = resolve_checkpoint(a.checkpoint)
@@ -150,30 +147,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems, how = choose_sources(problems, path, a.data_source, cfg.data.task)
         graders = sorted({f"{grader_name(pr.data_source)} (data_source={pr.data_source})" for pr in problems})
         data.append((path, problems, how, graders))
-    if cfg.model.hf_path:
-        from minpro_megatron.convert.hf_config import resolve_model_config
-
-        cfg.model = resolve_model_config(cfg.model)
 
     from minpro_megatron.learner.checkpoint import latest_iteration, load_checkpoint
     from minpro_megatron.learner.distributed import destroy_distributed, init_distributed
     from minpro_megatron.learner.learner import Learner
-    from minpro_megatron.data.prompts import encode_prompt
     from minpro_megatron.rollout.types import SamplingParams
-    from minpro_megatron.train.trainer import load_tokenizer, make_engine
+    from minpro_megatron.rollout.engine import make_engine
+    from minpro_megatron.train.dp import DataParallel
+    from minpro_megatron.train.evaluation import correct_counts
+    from minpro_megatron.train.tokens import Codec, load_tokenizer
 
     iteration = latest_iteration(root) if iteration is None else iteration
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)
     try:
-        from megatron.core import parallel_state as ps
-
         learner = Learner(cfg)
         load_checkpoint(learner, root, iteration, load_optimizer=False)
         tok = load_tokenizer(cfg)
         engine = make_engine(cfg, learner, int(tok.eos_token_id), tok, run_dir / "eval", version=learner.step)
         params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens, n=a.n, stop_token_ids=(int(tok.eos_token_id),))
-        dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        dp, codec = DataParallel(), Codec(tok, cfg.data.chat_template)
         results = {}
         for path, problems, how, graders in data:
             if ctx.rank == 0:
@@ -182,20 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if unknown:
                     print(f"warning: {path}: the tokenizer does not know {len(unknown)} character(s) of the prompts "
                           f"({', '.join(map(repr, unknown[:20]))}); they become {tok.unk_token!r}", file=sys.stderr)
-            n_real = len(problems)
-            problems = problems + problems[: (-n_real) % dp]  # pad to the DP size; padded copies are dropped below
-            mine = problems[r::dp]
-            prompts = [encode_prompt(tok, pr.prompt, cfg.data.chat_template) for pr in mine]
-            groups = engine.generate(prompts, params)
-            counts = []
-            for pr, g in zip(mine, groups):
-                texts = [tok.decode([t for t in s.response_ids if t != tok.eos_token_id], skip_special_tokens=True) for s in g]
-                counts.append(sum(reward(pr.data_source, t, pr.answer, cfg.data.strict_format) >= 1.0 for t in texts))
-            local = torch.zeros(len(problems), dtype=torch.float64)
-            local[torch.arange(r, len(problems), dp)[: len(counts)]] = torch.tensor(counts, dtype=torch.float64)
-            if dist.get_world_size() > 1:
-                dist.all_reduce(local, group=ps.get_data_parallel_group())
-            c = [int(x) for x in local.tolist()[:n_real]]
+            c = correct_counts(engine, problems, params, codec, dp, cfg.data.strict_format)
             res: dict = {f"pass@{k}": sum(pass_at_k(a.n, ci, k) for ci in c) / len(c) for k in ks}
             res.update(problems=len(c), graders=graders, data_source_from=how)
             results[path] = res

@@ -44,7 +44,7 @@ def fixed_batch(vocab: int, n: int = 8, seed: int = 7) -> list:
 
 def _learner(hf_dir: str, dtype: str, impl: str):
     from minpro_megatron.config import ModelConfig, RunConfig
-    from minpro_megatron.convert.hf_config import resolve_model_config
+    from minpro_megatron.config.hf_model import resolve_model_config
     from minpro_megatron.convert.loader import load_hf_weights
     from minpro_megatron.learner.distributed import init_distributed
     from minpro_megatron.learner.learner import Learner

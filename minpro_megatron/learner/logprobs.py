@@ -18,6 +18,8 @@ Model side: ``prepare_packed_inputs`` packs sequences in the zigzag CP layout (l
 each sequence *before* the CP split), ``forward_hidden`` runs a GPTModel and captures the input of its
 output layer (no logits are computed), ``compute_logprobs`` does both. The results are CP-local and
 aligned with ``ZigzagLayout``'s local tokens: entry i is log p(token after local token i).
+
+Length: the chunked vocab-parallel autograd function and the packed-input/stage-forward plumbing that feeds it; both are needed by every caller of ``compute_logprobs``.
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ is needed. ``max_seqlen_q`` should be the longest padded sequence: were it the t
 rope_utils.py:211 would switch to batch-offset positions (harmless for 1-D RoPE, whose attention scores
 depend only on position differences, but larger angles). ``learner.logprobs.packed_seq_params`` builds
 exactly this; tests/learner/test_model_layouts.py checks CP2 == CP1 on packed odd-length sequences.
+
+Length: the all-gather autograd op, the zigzag mask and the length-bucketed attention plan belong to one kernel and are tested together.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ Scope rules, narrowest first:
 Not covered (not needed by the learner on CPU; each raises as before): fp16 grad scalers
 (optimizer/grad_scaler.py), the rerun state machine's RNG capture (rerun_state_machine.py:957),
 NCCL user buffers, CUDA graphs, fine-grained activation offloading, FSDP.
+
+Length: one short patch per upstream megatron-core function, each naming its source; kept in one file so the full list of patches is one read.
 """
 
 from __future__ import annotations

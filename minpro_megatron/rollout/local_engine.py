@@ -11,11 +11,13 @@ version the learner holds, so every staleness mode works without SGLang.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
 
+from minpro_megatron.rollout.engine import PendingRollout, SyncStats
 from minpro_megatron.rollout.types import RolloutSample, SampleGroup, SamplingParams, WeightVersionSpan
 
 if TYPE_CHECKING:
@@ -24,7 +26,15 @@ if TYPE_CHECKING:
 __all__ = ["LocalEngine"]
 
 
+class _Generated(PendingRollout):
+    def __init__(self, groups: list[SampleGroup], seconds: float) -> None:
+        self.groups, self.seconds = groups, seconds
+
+
 class LocalEngine:
+    """A ``RolloutEngine`` (rollout/engine.py) without servers: generation is synchronous, so ``start``
+    returns the finished groups."""
+
     def __init__(self, learner: "Learner", eos_token_id: int, seed: int = 0) -> None:
         self.learner = learner
         self.eos_token_id = eos_token_id
@@ -32,10 +42,19 @@ class LocalEngine:
         self.version = 0
         self._calls = 0
 
-    def update_weights(self, version: int) -> dict[str, float]:
+    def update_weights(self, version: int) -> SyncStats:
         """The learner's weights are the engine's: only the version tag moves (no bytes, no time)."""
         self.version = version
-        return {"version": float(version), "bytes": 0.0}
+        return SyncStats(version=version)
+
+    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> PendingRollout:
+        t0 = time.perf_counter()
+        groups = self.generate(prompts, params)
+        return _Generated(groups, time.perf_counter() - t0)
+
+    def finish(self, pending: PendingRollout) -> list[SampleGroup]:
+        assert isinstance(pending, _Generated)
+        return pending.groups
 
     def state_dict(self) -> dict[str, int]:
         return {"version": self.version, "calls": self._calls, "seed": self.seed}

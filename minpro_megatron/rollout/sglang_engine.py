@@ -3,7 +3,7 @@
 - Start-up (collective): the learner's current weights are exported to an HF directory (safetensors +
   config.json + tokenizer) that the servers boot from with ``--weight-version <step>``; attached servers
   (rollout.server_urls) receive them through a weight sync instead.
-- ``start_generate`` / ``finish`` (collective): every DP replica's prompts are gathered to rank 0, which
+- ``start`` / ``finish`` (collective): every DP replica's prompts are gathered to rank 0, which
   generates them through the router with the async client in a background thread, so generation of a
   later step's batch overlaps the learner's current update (exact-delay staleness n >= 1); the samples
   come back to every rank as tensors and each rank keeps its DP share.
@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from minpro_megatron.parallel.rank0 import broadcast_status, rank0_phase
 from minpro_megatron.rollout.transfer import broadcast_tensors, decode_groups, encode_groups, gather_prompts
+from minpro_megatron.rollout.engine import PendingRollout, SyncStats
 from minpro_megatron.rollout.types import SampleGroup, SamplingParams
 
 __all__ = ["SGLangEngine", "PendingGeneration"]
@@ -43,7 +45,7 @@ def _prune_exports(root: Path, keep_last: int, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-class PendingGeneration:
+class PendingGeneration(PendingRollout):
     """A batch being generated on rank 0; ``SGLangEngine.finish`` collects it on every rank."""
 
     def __init__(self, counts: list[int] | None) -> None:
@@ -55,6 +57,8 @@ class PendingGeneration:
 
 
 class SGLangEngine:
+    """A ``RolloutEngine`` (rollout/engine.py) over SGLang servers; see the module docstring."""
+
     def __init__(self, cfg: Any, learner: Any, eos_id: int, tokenizer: Any, out_dir: str | Path, version: int = 0) -> None:
         from megatron.core import parallel_state as ps
 
@@ -102,7 +106,7 @@ class SGLangEngine:
         import shutil
 
         from minpro_megatron.atomic_io import fsync_dir, fsync_tree
-        from minpro_megatron.convert.hf_config import hf_config_from_model
+        from minpro_megatron.config.hf_model import hf_config_from_model
         from minpro_megatron.convert.hf_io import write_safetensors_shards
 
         self.hf_dir = self.out_dir / f"policy_step{self.version}"
@@ -141,7 +145,7 @@ class SGLangEngine:
         return (ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
                 and ps.get_context_parallel_rank() == 0)
 
-    def start_generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> PendingGeneration:
+    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> PendingGeneration:
         """Collective: gather every DP replica's prompts to rank 0 and start generating them there."""
         gathered = gather_prompts(prompts, self._is_replica_leader())
         dp = torch.tensor([self.ps.get_data_parallel_rank() if self._is_replica_leader() else -1])
@@ -168,8 +172,9 @@ class SGLangEngine:
         pending.thread.start()
         return pending
 
-    def finish(self, pending: PendingGeneration) -> list[SampleGroup]:
+    def finish(self, pending: PendingRollout) -> list[SampleGroup]:
         """Collective: wait for rank 0's generation and hand each rank its DP share."""
+        assert isinstance(pending, PendingGeneration)
         ints = floats = None
         if self.rank == 0:
             assert pending.thread is not None and pending.counts is not None
@@ -185,10 +190,10 @@ class SGLangEngine:
         return decode_groups(ints, floats).get(self.ps.get_data_parallel_rank(), [])
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[SampleGroup]:
-        return self.finish(self.start_generate(prompts, params))
+        return self.finish(self.start(prompts, params))
 
     # ---- weights -----------------------------------------------------------------------------------------
-    def update_weights(self, version: int) -> dict[str, float]:
+    def update_weights(self, version: int) -> SyncStats:
         """Collective: export the learner's weights and push them into every server as ``version``."""
         if not self.learner.params_finite():  # collective; never publish NaN/inf weights to the servers
             raise RuntimeError(
@@ -196,13 +201,13 @@ class SGLangEngine:
                 "(see optim/skipped_updates and train.max_nonfinite_skips)"
             )
         buckets = iter(self.exporter.buckets(self.bucket_bytes))
-        metrics: dict[str, float] = {}
+        pushed = SyncStats(version=version)  # rank 0's push; the other ranks only gather
 
-        def push() -> dict[str, float]:
+        def push() -> SyncStats:
             assert self.fleet is not None and self.sync is not None
             result = self.fleet.sync_weights(self.sync, buckets, version)
-            return {"seconds": result.seconds, "bytes": float(result.bytes), "transfer_seconds": result.transfer_seconds,
-                    "bytes_per_s": result.bytes_per_s}
+            return SyncStats(version=version, bytes=result.bytes, seconds=result.seconds,
+                             transfer_seconds=result.transfer_seconds, bytes_per_s=result.bytes_per_s)
 
         def drain() -> None:  # a sync that failed partway: the other ranks still gather the remaining buckets
             for _ in buckets:
@@ -210,14 +215,13 @@ class SGLangEngine:
 
         phase = f"weight sync to step {version}"
         if self.rank == 0:
-            metrics = rank0_phase(phase, push, on_error=drain) or {}
+            pushed = rank0_phase(phase, push, on_error=drain) or pushed
         else:
             drain()
             rank0_phase(phase, lambda: None)
         self.version = version
-        metrics["verify_max_abs_logprob_diff"] = self._verify()
-        metrics["verify_probed_servers"] = float(self.last_probed_servers)
-        return metrics
+        worst = self._verify()
+        return dataclasses.replace(pushed, verify_max_abs_logprob_diff=worst, verify_probed_servers=self.last_probed_servers)
 
     def _verify(self) -> float:
         """Max |logp| difference between every server's greedy probe and the learner (collective)."""

@@ -106,10 +106,14 @@ class RolloutSample:
     @property
     def min_version(self) -> int:
         """Oldest weight version among the response tokens (staleness is measured from it)."""
+        if not self.weight_versions:
+            raise ValueError(f"sample {self.prompt_index}/{self.sample_index} has no response tokens, hence no version")
         return min(self.weight_versions)
 
     @property
     def max_version(self) -> int:
+        if not self.weight_versions:
+            raise ValueError(f"sample {self.prompt_index}/{self.sample_index} has no response tokens, hence no version")
         return max(self.weight_versions)
 
 
@@ -121,13 +125,15 @@ class SampleGroup(list):
     def prompt_index(self) -> int:
         return self[0].prompt_index
 
+    # The one definition of a group's versions: over the samples that have response tokens (an empty
+    # response carries no version and is not trained on).
     @property
     def min_version(self) -> int:
-        return min(s.min_version for s in self)
+        return min(s.min_version for s in self if s.weight_versions)
 
     @property
     def max_version(self) -> int:
-        return max(s.max_version for s in self)
+        return max(s.max_version for s in self if s.weight_versions)
 
 
 def parse_weight_version(label: Any, where: str, aliases: dict[str, int] | None = None) -> int:

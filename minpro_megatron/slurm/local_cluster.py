@@ -21,6 +21,8 @@ unless that cluster was started detached by the CLI (then start() says how to st
 
 The cluster uses its own ports (16817+) and its own SLURM_CONF, so a real Slurm installation on the
 same machine is left alone.
+
+Length: the whole lifecycle of one real Slurm cluster (install, munge, config, daemons, cleanup of orphans) in one class used only by tests and the demo job.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ inside a node, EP dividing the experts, ...) and the memory estimate is printed.
 ``job.sbatch`` (from launch_slurm/job.sbatch.tmpl), ``learner.sh`` and ``rollout.sh`` (per-node
 launchers), ``config.yaml`` (the resolved config the job runs) and, for sweeps, ``tasks.txt`` and
 ``collect.sbatch``. Copies, so later edits to the repository do not change a queued job.
+
+Length: the job script is rendered here piece by piece (header, container, rollout block, learner block), each piece a short function; splitting them would scatter one file format over several modules.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@
   the distributed or disk transport; the tests check this payload's construction only.
 
 Every transport returns TransportStats (bytes, buckets, tensors, seconds).
+
+Length: three transports behind one ``Transport`` interface plus the shared bucket staging/prefetch they all use.
 """
 
 from __future__ import annotations

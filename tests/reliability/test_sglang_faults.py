@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.mp_utils import run_multiprocess
-from tests.test_trainer_local import QUICK, TINY
+from tests.train.test_trainer_local import QUICK, TINY
 
 pytestmark = [pytest.mark.sglang, pytest.mark.multiproc]
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import pytest
 from minpro_megatron.config import ConfigError, load_config
 from minpro_megatron.metrics.report import read_scalars
 from tests.mp_utils import MultiprocessError, run_multiprocess
-from tests.test_trainer_local import QUICK, TINY, run_trainer
+from tests.train.test_trainer_local import QUICK, TINY, run_trainer
 
 pytestmark = pytest.mark.multiproc
 

@@ -79,7 +79,7 @@ def _export_staged(hf_dir: str) -> dict:
     import torch.distributed as dist
 
     from minpro_megatron.config import ParallelConfig
-    from minpro_megatron.convert.hf_config import model_config_from_hf
+    from minpro_megatron.config.hf_model import model_config_from_hf
     from minpro_megatron.convert.loader import load_hf_weights
     from minpro_megatron.learner.distributed import destroy_distributed, init_distributed
     from minpro_megatron.learner.model_provider import build_model_chunks

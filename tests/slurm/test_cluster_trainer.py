@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm.test_cluster_jobs import TINY, read_log, submit_job, wait_for
-from tests.test_trainer_local import QUICK
+from tests.train.test_trainer_local import QUICK
 
 pytestmark = pytest.mark.slurm
 

@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from minpro_megatron.config import ModelConfig
-from minpro_megatron.convert.families import FAMILIES, Family, UnsupportedModelError, family_for, supported_architectures
+from minpro_megatron.config.schema import ModelConfig
+from minpro_megatron.config.hf_families import FAMILIES, Family, UnsupportedModelError, family_for, supported_architectures
 
 __all__ = [
     "ARCHITECTURE_FIELDS",

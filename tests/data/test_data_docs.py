@@ -11,7 +11,7 @@ from pathlib import Path
 
 from minpro_megatron.data.dataset import load_problems
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "data.md"
 
 

@@ -14,7 +14,7 @@ import pytest
 from minpro_megatron.metrics.report import read_scalars
 from minpro_megatron.serving.auth import write_key_file
 from tests.mp_utils import run_multiprocess
-from tests.test_trainer_local import QUICK, TINY, run_trainer
+from tests.train.test_trainer_local import QUICK, TINY, run_trainer
 
 pytestmark = [pytest.mark.sglang, pytest.mark.multiproc]
 

@@ -18,7 +18,7 @@ from minpro_megatron.config import ConfigError, load_config
 from minpro_megatron.metrics.report import read_scalars
 from tests.mp_utils import run_multiprocess
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny_moe_cpu.yaml"
 
 # A few quick steps of the embedded default's model (small batch, short warm start).

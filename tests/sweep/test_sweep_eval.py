@@ -11,7 +11,7 @@ import pytest
 from minpro_megatron.eval.passk import main as eval_main
 from minpro_megatron.eval.passk import pass_at_k
 from minpro_megatron.sweep import main as sweep_main
-from tests.test_trainer_local import QUICK, TINY
+from tests.train.test_trainer_local import QUICK, TINY
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

@@ -20,7 +20,7 @@ import pytest
 from minpro_megatron.config import ConfigError, load_config
 from minpro_megatron.sweep import DONE_MARKER, collect, load_grid, run_stats, select_cells, validate_cells
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STUDY = REPO / "examples" / "study" / "reverse_moe.yaml"
 GRID = REPO / "examples" / "study" / "grid.yaml"
 

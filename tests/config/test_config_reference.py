@@ -11,7 +11,7 @@ from minpro_megatron import cli
 from minpro_megatron.config import RunConfig, load_config, to_dict
 from minpro_megatron.config.docs import field_docs, render_markdown, undocumented_fields
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "examples" / "tiny_moe_cpu.yaml")
 
 

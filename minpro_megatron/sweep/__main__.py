@@ -1,0 +1,5 @@
+import sys
+
+from minpro_megatron.sweep.command import main
+
+sys.exit(main())
