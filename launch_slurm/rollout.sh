@@ -3,7 +3,8 @@
 # first rollout node). Run by the job script as one Slurm task per rollout node:
 #   srun --ntasks=$N_ROLLOUT --ntasks-per-node=1 bash rollout.sh ROLLOUT_DIR [extra server args...]
 # Needs PYTHON, MASTER_ADDR, ROLLOUT_MODEL, ROLLOUT_TP, SERVERS_PER_NODE, ROLLOUT_BASE_PORT,
-# SERVER_MODULE, ROUTER_PORT (empty: no router) and ROUTER_POLICY from the job script, and
+# SERVER_MODULE, ROUTER_PORT (empty: no router), ROUTER_POLICY and ROLLOUT_DEVICE (rollout.server_device:
+# auto, cpu or cuda; default auto) from the job script, and
 # MINPRO_API_KEY_FILE: the job's API key (servers read it from FILE.sglang.yaml, the router from its
 # command line; see launch_slurm/README.md, Security).
 # Writes ROLLOUT_DIR/urls-NODE.txt once its servers are launched; FAILED-NODE if one of them exits.
@@ -22,6 +23,12 @@ if [ -n "${MINPRO_API_KEY_FILE:-}" ]; then
   ROUTER_AUTH=(--api-key "$KEY" --control-plane-api-keys "minpro:trainer:admin:$KEY")
 fi
 
+# SGLang's CPU engine where the servers run on CPU (ROLLOUT_DEVICE=cpu, or auto on a node where torch sees
+# no GPU): flags and environment from minpro_megatron/serving/cpu_support.py. SERVER_ENV (the sgl_kernel
+# stand-in on PYTHONPATH, SGLANG_USE_CPU_ENGINE) goes to the servers only, never to the router.
+SETTINGS=$("$PYTHON" -m minpro_megatron.serving.cpu_support --shell --device "${ROLLOUT_DEVICE:-auto}" -- "$@")
+eval "$SETTINGS"  # SERVER_DEVICE, SERVER_ENV=(...), SERVER_ARGS=(...)
+
 IFS=, read -ra GPUS <<<"${CUDA_VISIBLE_DEVICES:-}"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
@@ -30,12 +37,13 @@ for ((i = 0; i < SERVERS_PER_NODE; i++)); do
   # ports are offset per node so that emulated nodes sharing one host do not collide
   port=$((ROLLOUT_BASE_PORT + SLURM_NODEID * SERVERS_PER_NODE + i))
   devices=$(IFS=,; echo "${GPUS[*]:i*ROLLOUT_TP:ROLLOUT_TP}")
-  CUDA_VISIBLE_DEVICES=$devices "$PYTHON" -m "$SERVER_MODULE" --model-path "$ROLLOUT_MODEL" \
-    --tp-size "$ROLLOUT_TP" --host "$MINPRO_NODE_IP" --port "$port" ${SERVER_AUTH[@]+"${SERVER_AUTH[@]}"} "$@" \
+  CUDA_VISIBLE_DEVICES=$devices env ${SERVER_ENV[@]+"${SERVER_ENV[@]}"} "$PYTHON" -m "$SERVER_MODULE" \
+    --model-path "$ROLLOUT_MODEL" --tp-size "$ROLLOUT_TP" --host "$MINPRO_NODE_IP" --port "$port" \
+    ${SERVER_AUTH[@]+"${SERVER_AUTH[@]}"} ${SERVER_ARGS[@]+"${SERVER_ARGS[@]}"} "$@" \
     >"$ROLLOUT_DIR/server-$NODE-$i.log" 2>&1 &
   pids+=($!)
   echo "http://$MINPRO_NODE_IP:$port" >>"$ROLLOUT_DIR/urls-$NODE.tmp"
-  echo "[$(date +%T)] $NODE: server $i on port $port, GPUs '${devices}', log server-$NODE-$i.log"
+  echo "[$(date +%T)] $NODE: server $i on $MINPRO_NODE_IP:$port ($SERVER_DEVICE), GPUs '${devices}', log server-$NODE-$i.log"
 done
 mv "$ROLLOUT_DIR/urls-$NODE.tmp" "$ROLLOUT_DIR/urls-$NODE.txt"  # complete list, atomically
 

@@ -9,7 +9,9 @@
 Debian's slurm-wlm packages are installed with apt-get when ``slurmctld`` is missing (root only; ~15 s,
 logged loudly). There is no systemd: every daemon runs in the foreground in its own session and is
 stopped by the PID recorded under ``<prefix>/run`` (also when start fails half-way). Emulated nodes are
-``node1..nodeN`` on 127.0.0.1 with one slurmd port each; their names go into /etc/hosts with a tag and
+``node1..nodeN`` with one slurmd port each, node k on its own loopback alias 127.0.0.(k+1) (all of
+127.0.0.0/8 is loopback on Linux), so servers that bind "the node's address" really bind different
+addresses and nothing listens beyond this host; their names go into /etc/hosts with a tag and
 leave again on stop. /etc/hosts is rewritten whole (a temporary file renamed over it, or one in-place
 write of the full text where it is a bind mount and rename fails).
 
@@ -219,6 +221,10 @@ class LocalCluster:
     @property
     def node_names(self) -> list[str]:
         return [f"node{i}" for i in range(1, self.nodes + 1)]
+
+    def node_addr(self, name: str) -> str:
+        """Node k's address: the loopback alias 127.0.0.(k+1), distinct per node and reachable only here."""
+        return f"127.0.0.{self.node_names.index(name) + 2}"
 
     def env(self) -> dict[str, str]:
         """Environment for Slurm client commands (and jobs: sbatch exports it) that targets this cluster."""
@@ -453,7 +459,7 @@ class LocalCluster:
             (p / "state" / name).mkdir(parents=True, exist_ok=True)
             gres = f" Gres=gpu:{self.fake_gpus}" if self.fake_gpus else ""
             lines.append(f"NodeName={name} CPUs={cpus} RealMemory={mem_mib}{gres} NodeHostname={host} "
-                         f"NodeAddr=127.0.0.1 Port={self.base_port + i}")
+                         f"NodeAddr={self.node_addr(name)} Port={self.base_port + i}")
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
         self._add_hosts()
@@ -470,7 +476,7 @@ class LocalCluster:
             text = HOSTS_FILE.read_text()
             if text and not text.endswith("\n"):
                 text += "\n"
-            how = write_hosts(text + "".join(f"127.0.0.1 {name} {HOSTS_TAG}\n" for name in missing))
+            how = write_hosts(text + "".join(f"{self.node_addr(name)} {name} {HOSTS_TAG}\n" for name in missing))
             self.log(f"/etc/hosts: added {', '.join(missing)} (tagged '{HOSTS_TAG}', {how})")
 
     def _remove_hosts(self) -> None:

@@ -11,6 +11,7 @@ the source address is the master's own address, so its interface (not ``lo``) co
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import shlex
 import socket
@@ -18,7 +19,7 @@ import sys
 
 import psutil
 
-__all__ = ["route_source_ip", "interface_for_ip", "pick_interface", "socket_env", "main"]
+__all__ = ["route_source_ip", "interface_for_ip", "pick_interface", "emulated_node_ip", "socket_env", "main"]
 
 IFNAME_VARS = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")
 
@@ -47,10 +48,25 @@ def pick_interface(master_addr: str) -> tuple[str, str]:
     return interface_for_ip(ip), ip
 
 
+def emulated_node_ip(route_ip: str, node_name: str | None) -> str:
+    """``route_ip``, except on emulated nodes sharing one host (slurm/local_cluster.py gives node k the
+    loopback alias 127.0.0.(k+1)): there the route to the master always leaves from 127.0.0.1, so a node
+    whose own name resolves to another loopback address is that address. Real nodes never reach each
+    other over loopback, so this changes nothing on a cluster."""
+    if not node_name or not ipaddress.ip_address(route_ip).is_loopback:
+        return route_ip
+    try:
+        own = socket.getaddrinfo(node_name, None, socket.AF_INET)[0][4][0]
+    except socket.gaierror:
+        return route_ip
+    return own if ipaddress.ip_address(own).is_loopback else route_ip
+
+
 def socket_env(master_addr: str, environ: dict[str, str] | None = None) -> dict[str, str]:
     """NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (unless already set) and MINPRO_NODE_IP for this node."""
     environ = os.environ if environ is None else environ
     iface, ip = pick_interface(master_addr)
+    ip = emulated_node_ip(ip, environ.get("SLURMD_NODENAME"))
     env = {var: iface for var in IFNAME_VARS if not environ.get(var)}
     env["MINPRO_NODE_IP"] = ip
     return env
@@ -64,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     env = socket_env(args.master_addr)
     host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     kept = [f"{v}={os.environ[v]}" for v in IFNAME_VARS if os.environ.get(v)]
-    print(f"[netif] {host}: route to {args.master_addr} leaves from {env['MINPRO_NODE_IP']} "
+    print(f"[netif] {host}: node address {env['MINPRO_NODE_IP']} toward {args.master_addr} "
           f"({', '.join(f'{k}={v}' for k, v in env.items() if k in IFNAME_VARS) or 'kept ' + ', '.join(kept)})",
           file=sys.stderr)
     for k, v in env.items():

@@ -165,7 +165,7 @@ def _rollout_block(cfg: RunConfig, layout: JobLayout, container: str) -> str:
 # Rollout fleet (rollout.sh): {layout.servers_per_node} SGLang server(s) of TP {layout.rollout_tp} on each of the last {layout.rollout_nodes} node(s){router_note}.
 # The learner gets their URLs as rollout.server_urls once every one answers /health.
 export ROLLOUT_MODEL={_q(cfg.model.hf_path)} ROLLOUT_TP={layout.rollout_tp} SERVERS_PER_NODE={layout.servers_per_node}
-export ROLLOUT_BASE_PORT={r.base_port} SERVER_MODULE={_q(s.rollout_server_module)}
+export ROLLOUT_BASE_PORT={r.base_port} SERVER_MODULE={_q(s.rollout_server_module)} ROLLOUT_DEVICE={r.server_device}
 export ROUTER_PORT={r.router_port if router else ""} ROUTER_POLICY={_q(r.router_policy)}
 ROLLOUT_NODES=$(IFS=,; echo "${{NODES[*]:N_LEARNER}}")
 ROLLOUT_DIR=$RUN_DIR/rollout/$SLURM_JOB_ID

@@ -56,7 +56,9 @@ def test_doctor_across_two_nodes(slurm_env, tmp_path):
     assert report["nodes"] == ["node1", "node2"]  # torchrun per node, c10d rendezvous across them
     assert sorted(r["rank"] for r in report["ranks"]) == [0, 1, 2, 3]
     assert {r["cuda_visible_devices"] for r in report["ranks"]} == {"0,1"}  # --gpus-per-node=2
-    assert {r["nccl_socket_ifname"] for r in report["ranks"]} == {"lo"}  # route to node1 = 127.0.0.1
+    assert {r["nccl_socket_ifname"] for r in report["ranks"]} == {"lo"}  # route to node1 = 127.0.0.2
+    # each node knows its own address (MINPRO_NODE_IP): node k is the loopback alias 127.0.0.(k+1)
+    assert {(r["slurm_node"], r["node_ip"]) for r in report["ranks"]} == {("node1", "127.0.0.2"), ("node2", "127.0.0.3")}
     assert report["layout"]["data"] == 4 and report["layout"]["checkpoint_dir"] == str(run / "checkpoints")
     assert all(b["busbw_gbps_min"] > 0 for b in report["bandwidth"])
     assert "[doctor] OK" in log and log.count("[netif]") == 2
@@ -67,6 +69,7 @@ def test_rollout_fleet_router_and_learner(slurm_env, tmp_path):
     (job,) = submit_job(
         run, "submit", TINY, *CPU, QUICK, "--nodes", "1", "--rollout-nodes", "1", "rollout.backend=sglang",
         "model.hf_path=stub-model", "slurm.rollout_server_module=minpro_megatron.slurm.stub_server",
+        "rollout.server_device=cuda",  # fake GPUs stand for GPU nodes: no CPU-engine flags
         "rollout.base_port=31700", "rollout.router_port=31790", "rollout.server_dtype=float32",
         'rollout.server_extra_args=["--mem-fraction-static","0.5"]')
     state = slurm_env.wait_job(job, timeout=180)
@@ -74,8 +77,9 @@ def test_rollout_fleet_router_and_learner(slurm_env, tmp_path):
     assert state == "COMPLETED", log
     (fleet_dir,) = (run / "rollout").iterdir()
     urls = (fleet_dir / "server_urls.txt").read_text().split()
-    assert urls == ["http://127.0.0.1:31700", "http://127.0.0.1:31701"]
-    assert (fleet_dir / "router_url.txt").read_text().strip() == "http://127.0.0.1:31790"
+    # served on the rollout node's own address (node2 = loopback alias 127.0.0.3), found by netif
+    assert urls == ["http://127.0.0.3:31700", "http://127.0.0.3:31701"]
+    assert (fleet_dir / "router_url.txt").read_text().strip() == "http://127.0.0.3:31790"
     for i in (0, 1):  # each server got its own GPU of the node and the rollout section's server options
         info = (fleet_dir / f"server-node2-{i}.log").read_text()
         assert f"'cuda_visible_devices': '{i}'" in info and "'model_path': 'stub-model'" in info
@@ -83,8 +87,8 @@ def test_rollout_fleet_router_and_learner(slurm_env, tmp_path):
     report = json.loads((run / "output" / "doctor.json").read_text())
     assert report["ok"] and report["nodes"] == ["node1"]  # the learner stays off the rollout node
     assert [s["url"] for s in report["rollout_servers"] if s["ok"]] == urls  # reached from the learner
-    assert "rollout.server_urls=[http://127.0.0.1:31700,http://127.0.0.1:31701]" in report["overrides"]
-    assert "rollout.router_url=http://127.0.0.1:31790" in report["overrides"]
+    assert "rollout.server_urls=[http://127.0.0.3:31700,http://127.0.0.3:31701]" in report["overrides"]
+    assert "rollout.router_url=http://127.0.0.3:31790" in report["overrides"]
     assert "[fleet] router healthy" in log
     # issue 12 item 13: a per-job key (0600) that the servers demand and the learner sends
     assert (fleet_dir / "api_key").stat().st_mode & 0o777 == 0o600
@@ -171,7 +175,8 @@ def test_local_cluster_status_cli(slurm_env):
     assert set(status["daemons"]) >= {"slurmctld", "slurmd-node1", "slurmd-node2"}
     assert all(d["alive"] for d in status["daemons"].values())
     assert "node1" in status["sinfo"] and "gpu:2" in status["sinfo"]
-    assert socket.gethostbyname("node2") == "127.0.0.1"  # the emulated nodes resolve (MASTER_ADDR)
+    # the emulated nodes resolve (MASTER_ADDR), each to its own loopback alias
+    assert [socket.gethostbyname(n) for n in ("node1", "node2")] == ["127.0.0.2", "127.0.0.3"]
 
 
 def test_minpro_slurm_status_shows_state_and_exit_code_without_accounting(slurm_env, tmp_path, capsys):

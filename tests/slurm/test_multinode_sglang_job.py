@@ -1,0 +1,94 @@
+"""SLOW END-TO-END (issue 13 item 1): the user's multi-node job on the real single-host Slurm cluster.
+
+`minpro-slurm submit` for a tiny Qwen3-MoE with one learner node and one CPU rollout node: node1
+(127.0.0.2) runs torchrun with a TP2 gloo learner, node2 (127.0.0.3) runs two real SGLang CPU servers
+and sglang-router from launch_slurm/rollout.sh; the trainer attaches through the URL files, pushes its
+weights into both servers after every step with the distributed transport (a gloo group whose store is
+at the learner node's address), compares each server's log-probs with its own (probe), and the job ends
+COMPLETED with TensorBoard event files. Budget: <= 6 minutes on 2 cores (measured in the module's
+report line); the cluster fixture is shared with the other tests/slurm modules.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from minpro_megatron.metrics.report import read_scalars
+from tests.slurm.test_cluster_jobs import TINY, read_log, submit_job
+from tests.train.test_trainer_local import QUICK
+
+pytestmark = [pytest.mark.slurm, pytest.mark.sglang, pytest.mark.slow]
+
+
+def _free_ports(n: int) -> int:
+    """A base port with ``n`` consecutive free ports (servers take base, base+1, ...)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65535 and all(_free(p) for p in range(base, base + n)):
+            return base
+    raise RuntimeError("no run of free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def multinode_args(model: Path, *extra: str) -> list[str]:
+    base, router = _free_ports(2), _free_ports(2)
+    return [
+        "submit", TINY, *QUICK, f"model.hf_path={model}", "parallel.tensor=2",
+        "slurm.program=train", "slurm.gpus_per_node=0", "slurm.procs_per_node=2", "slurm.time=00:15:00",
+        "slurm.rollout_servers_per_node=2", "rollout.backend=sglang", "rollout.server_device=cpu",
+        "rollout.server_dtype=float32", "rollout.weight_transport=distributed", "rollout.verify_threshold=1e-4",
+        "rollout.staleness.n=1", f"rollout.base_port={base}", f"rollout.router_port={router}",
+        "--nodes", "1", "--rollout-nodes", "1", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    from minpro_megatron.models.tiny_hf import make_tiny_model_dir
+
+    _, _, path = make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "qwen3-moe", seed=1, dtype="float32",
+                                     initializer_range=0.125)
+    return path
+
+
+def test_learner_node_and_cpu_rollout_node_end_to_end(slurm_env, tmp_path, tiny_hf):
+    run = tmp_path / "run"
+    (job,) = submit_job(run, *multinode_args(tiny_hf))
+    state = slurm_env.wait_job(job, timeout=600)
+    log = read_log(run)
+    assert state == "COMPLETED", log
+    assert slurm_env.job_info(job)["ExitCode"] == "0:0"
+    (fleet,) = (run / "rollout").iterdir()
+    urls = (fleet / "server_urls.txt").read_text().split()
+    # the rollout node (node2 = 127.0.0.3) served on its own address; the learner node is 127.0.0.2
+    assert len(urls) == 2 and all(u.startswith("http://127.0.0.3:") for u in urls), urls
+    assert (fleet / "router_url.txt").read_text().startswith("http://127.0.0.3:")
+    assert "[netif] node1: node address 127.0.0.2 toward node1" in log  # learner.sh
+    assert "[netif] node2: node address 127.0.0.3 toward node1" in log  # rollout.sh
+    for i in (0, 1):  # real SGLang on the CPU engine, started from rollout.sh
+        server_log = (fleet / f"server-node2-{i}.log").read_text()
+        assert "device='cpu'" in server_log and "attention_backend='torch_native'" in server_log, server_log[-2000:]
+        # the update group's store is at the learner node's address, reached from the rollout node
+        assert "127.0.0.2" in server_log, server_log[-2000:]
+    scalars = read_scalars(run / "output" / "tb")
+    assert list((run / "output" / "tb").glob("events.out.tfevents*"))
+    assert [s for s, _ in scalars["rollout/reward_mean"]] == [1, 2, 3]
+    # every step pushed the TP2 learner's weights into both servers and probed both (fp32: exact)
+    assert [s for s, _ in scalars["sync/bytes"]] == [1, 2, 3] and all(v > 0 for _, v in scalars["sync/bytes"])
+    assert all(v == 2 for _, v in scalars["sync/verify_probed_servers"])
+    assert max(v for _, v in scalars["sync/verify_max_abs_logprob_diff"]) < 1e-4
+    assert [v for _, v in scalars["rollout/staleness_mean"]] == [0.0, 1.0, 1.0]
+    assert (run / "output" / "summary.md").is_file()
