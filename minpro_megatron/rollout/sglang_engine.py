@@ -95,7 +95,11 @@ class SGLangEngine:
 
         rank0_phase("starting the SGLang fleet", start_fleet)
         if attach:  # servers the user runs: give them this policy's weights first
-            self.update_weights(version)
+            first = self.update_weights(version)
+            if self.rank == 0:  # the Slurm job's log shows that the probe ran before any generation
+                print(f"[sglang] {len(cfg.rollout.server_urls)} attached server(s) synced to step {version} before the "
+                      f"first generation; probe max |logp diff| {first.verify_max_abs_logprob_diff:.3g} on "
+                      f"{first.verify_probed_servers} server(s)", flush=True)
 
     # ---- start-up ---------------------------------------------------------------------------------------
     def _export_initial(self, tokenizer: Any) -> None:

@@ -5,7 +5,9 @@
 and sglang-router from launch_slurm/rollout.sh; the trainer attaches through the URL files, pushes its
 weights into both servers after every step with the distributed transport (a gloo group whose store is
 at the learner node's address), compares each server's log-probs with its own (probe), and the job ends
-COMPLETED with TensorBoard event files. Budget: <= 6 minutes on 2 cores (measured in the module's
+COMPLETED with TensorBoard event files. Then (item 2, in part) scancel of that job mid-run leaves a
+checkpoint, and the resubmitted job resumes from it with servers synced to the resumed step and probed
+before the first generation. Budget: <= 6 minutes on 2 cores (measured in the module's
 report line); the cluster fixture is shared with the other tests/slurm modules.
 """
 
@@ -17,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from minpro_megatron.metrics.report import read_scalars
-from tests.slurm.test_cluster_jobs import TINY, read_log, submit_job
+from tests.slurm.test_cluster_jobs import TINY, read_log, submit_job, wait_for
+from tests.slurm.test_cluster_trainer import _rl_steps
 from tests.train.test_trainer_local import QUICK
 
 pytestmark = [pytest.mark.slurm, pytest.mark.sglang, pytest.mark.slow]
@@ -83,6 +86,8 @@ def test_learner_node_and_cpu_rollout_node_end_to_end(slurm_env, tmp_path, tiny_
         assert "device='cpu'" in server_log and "attention_backend='torch_native'" in server_log, server_log[-2000:]
         # the update group's store is at the learner node's address, reached from the rollout node
         assert "127.0.0.2" in server_log, server_log[-2000:]
+    # the trainer synced its step-0 weights into both attached servers and probed them before generating
+    assert "[sglang] 2 attached server(s) synced to step 0 before the first generation" in log
     scalars = read_scalars(run / "output" / "tb")
     assert list((run / "output" / "tb").glob("events.out.tfevents*"))
     assert [s for s, _ in scalars["rollout/reward_mean"]] == [1, 2, 3]
@@ -92,3 +97,26 @@ def test_learner_node_and_cpu_rollout_node_end_to_end(slurm_env, tmp_path, tiny_
     assert max(v for _, v in scalars["sync/verify_max_abs_logprob_diff"]) < 1e-4
     assert [v for _, v in scalars["rollout/staleness_mean"]] == [0.0, 1.0, 1.0]
     assert (run / "output" / "summary.md").is_file()
+
+
+def test_scancel_then_resubmit_resumes_with_synced_servers(slurm_env, tmp_path, tiny_hf):
+    run = tmp_path / "run"
+    (job,) = submit_job(run, *multinode_args(tiny_hf, "train.steps=12"))
+    wait_for(lambda: len(_rl_steps(run)) >= 2, 420, "two RL steps")
+    slurm_env._client(["scancel", job])
+    assert slurm_env.wait_job(job, timeout=120) == "CANCELLED"
+    tracker = run / "checkpoints" / "latest_checkpointed_iteration.txt"
+    saved = int(tracker.read_text())  # the trainer saved on SIGTERM before exiting
+    assert 2 <= saved < 12, read_log(run)
+    # resubmitted: new ports and a new per-job key (both may change on resume), same run directory
+    (job2,) = submit_job(run, *multinode_args(tiny_hf, "train.steps=12"))
+    assert slurm_env.wait_job(job2, timeout=600) == "COMPLETED", read_log(run)
+    log = read_log(run)
+    assert f"resuming from {run / 'checkpoints'} (iteration {saved})" in log
+    # the fresh servers booted step-0 weights; the resumed trainer pushed step `saved` and probed them first
+    assert f"[sglang] 2 attached server(s) synced to step {saved} before the first generation" in log
+    assert int(tracker.read_text()) == 12
+    steps = _rl_steps(run)
+    assert steps[-(12 - saved):] == list(range(saved + 1, 13)), steps
+    sync = read_scalars(run / "output" / "tb")["sync/verify_max_abs_logprob_diff"]
+    assert max(v for s, v in sync if s > saved) < 1e-4
