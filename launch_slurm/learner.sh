@@ -8,6 +8,14 @@ set -euo pipefail
 # NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME from the route to the master (kept if already set)
 eval "$("$PYTHON" -m minpro_megatron.slurm.netif --export "$MASTER_ADDR")"
 
+# The master node (MASTER_ADDR is its Slurm node name) hosts the rendezvous store. Said explicitly: torch's
+# guess compares the name with this host's own names and addresses, which fails for hosts known under
+# several names and for emulated nodes on loopback aliases (slurm/local_cluster.py)
+RDZV_CONF=()
+if [ -n "${SLURMD_NODENAME:-}" ]; then
+  RDZV_CONF=(--rdzv-conf="is_host=$([ "$SLURMD_NODENAME" = "$MASTER_ADDR" ] && echo true || echo false)")
+fi
+
 # c10d rendezvous: no fixed node ranks and no sleeps; every node waits for the others at the endpoint
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes="$N_LEARNER" \
@@ -15,5 +23,6 @@ exec "$PYTHON" -m torch.distributed.run \
   --rdzv-backend=c10d \
   --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
   --rdzv-id="$SLURM_JOB_ID" \
+  ${RDZV_CONF[@]+"${RDZV_CONF[@]}"} \
   --max-restarts=0 \
   "$@"

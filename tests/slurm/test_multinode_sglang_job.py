@@ -54,6 +54,7 @@ def multinode_args(model: Path, *extra: str) -> list[str]:
         "slurm.rollout_servers_per_node=2", "rollout.backend=sglang", "rollout.server_device=cpu",
         "rollout.server_dtype=float32", "rollout.weight_transport=distributed", "rollout.verify_threshold=1e-4",
         "rollout.staleness.n=1", f"rollout.base_port={base}", f"rollout.router_port={router}",
+        "rollout.server_startup_timeout_s=600",  # two SGLang starts on 2 busy cores (~80 s each when idle)
         "--nodes", "1", "--rollout-nodes", "1", *extra,
     ]
 
@@ -70,7 +71,7 @@ def tiny_hf(tmp_path_factory) -> Path:
 def test_learner_node_and_cpu_rollout_node_end_to_end(slurm_env, tmp_path, tiny_hf):
     run = tmp_path / "run"
     (job,) = submit_job(run, *multinode_args(tiny_hf))
-    state = slurm_env.wait_job(job, timeout=600)
+    state = slurm_env.wait_job(job, timeout=900)
     log = read_log(run)
     assert state == "COMPLETED", log
     assert slurm_env.job_info(job)["ExitCode"] == "0:0"
@@ -102,7 +103,7 @@ def test_learner_node_and_cpu_rollout_node_end_to_end(slurm_env, tmp_path, tiny_
 def test_scancel_then_resubmit_resumes_with_synced_servers(slurm_env, tmp_path, tiny_hf):
     run = tmp_path / "run"
     (job,) = submit_job(run, *multinode_args(tiny_hf, "train.steps=12"))
-    wait_for(lambda: len(_rl_steps(run)) >= 2, 420, "two RL steps")
+    wait_for(lambda: len(_rl_steps(run)) >= 2, 900, "two RL steps")
     slurm_env._client(["scancel", job])
     assert slurm_env.wait_job(job, timeout=120) == "CANCELLED"
     tracker = run / "checkpoints" / "latest_checkpointed_iteration.txt"
@@ -110,7 +111,7 @@ def test_scancel_then_resubmit_resumes_with_synced_servers(slurm_env, tmp_path, 
     assert 2 <= saved < 12, read_log(run)
     # resubmitted: new ports and a new per-job key (both may change on resume), same run directory
     (job2,) = submit_job(run, *multinode_args(tiny_hf, "train.steps=12"))
-    assert slurm_env.wait_job(job2, timeout=600) == "COMPLETED", read_log(run)
+    assert slurm_env.wait_job(job2, timeout=900) == "COMPLETED", read_log(run)
     log = read_log(run)
     assert f"resuming from {run / 'checkpoints'} (iteration {saved})" in log
     # the fresh servers booted step-0 weights; the resumed trainer pushed step `saved` and probed them first
