@@ -67,7 +67,7 @@ class ModelConfig:
     # Layer implementation: auto = TransformerEngine when CUDA and TE are present, else megatron's local
     # spec (the only choice on CPU); local / transformer_engine force one (the GPU check compares them).
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    # Set by convert.hf_config from config.json (Qwen2 / Qwen2-MoE / Llama / Mixtral need them):
+    # Set by config/hf_model.py from config.json (Qwen2 / Qwen2-MoE / Llama / Mixtral need them):
     add_qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2); o_proj has none
     moe_shared_expert_gate: bool = False  # sigmoid(x @ w) scales the shared expert's output (Qwen2-MoE)
     # Embedding / output rows are padded to a multiple of this (zero rows; stripped on HF export) so that

@@ -111,7 +111,7 @@ def local_params(model_chunks: Iterable[torch.nn.Module], maps: Sequence[ParamMa
             if pm is None:
                 raise LayoutError(
                     f"{where} (canonical {canon!r}) has no Hugging Face counterpart in the mapping for this ModelConfig; "
-                    "the model was built with options the converter does not map (see convert/families.py)"
+                    "the model was built with options the converter does not map (see config/hf_families.py)"
                 )
             rank, size = etp if pm.expert else tp
             out.append(_with_shard(where, canon, param, pm, rank, size))

@@ -40,7 +40,7 @@ def model_metadata(cfg: RunConfig) -> dict:
     m = cfg.model
     hf_config = None
     if m.hf_path:
-        from minpro_megatron.convert.hf_config import load_hf_config
+        from minpro_megatron.config.hf_model import load_hf_config
 
         hf_config = load_hf_config(m.hf_path)
     return {"model_config": to_dict(m), "hf_config": hf_config, "tokenizer": m.tokenizer_path or m.hf_path or BUILTIN_TOKENIZER}
