@@ -20,17 +20,9 @@ import torch.distributed as dist
 
 from minpro_megatron.config import ModelConfig
 from minpro_megatron.config.base import from_dict, to_dict
-from minpro_megatron.checkpoint_tracker import (
-    TRACKER,
-    CheckpointError,
-    checkpoint_path,
-    commit_checkpoint,
-    latest_iteration,
-    prepare_staging,
-    staging_path,
-)
-from minpro_megatron.convert.layout import unwrap
-from minpro_megatron.learner.checkpoint import layout_signature, model_sharded_state_dict
+from minpro_megatron import checkpoint_tracker as tracker
+from minpro_megatron.checkpoint_tracker import CheckpointError, checkpoint_path
+from minpro_megatron.learner.checkpoint import layout_signature, load_model_state, model_sharded_state_dict
 
 __all__ = ["save_model_checkpoint", "load_model_checkpoint", "checkpoint_extra", "model_config_from_checkpoint"]
 
@@ -58,7 +50,7 @@ def save_model_checkpoint(
     from minpro_megatron.parallel.cpu_compat import cuda_literals_to_cpu
 
     # Write-then-rename: into iter_N.tmp; an existing iter_N is replaced only once the new one is complete.
-    tmp = prepare_staging(root, iteration) if _rank() == 0 else staging_path(root, iteration)
+    tmp = tracker.prepare_staging(root, iteration) if _rank() == 0 else tracker.staging_path(root, iteration)
     _barrier()
     state: dict[str, Any] = model_sharded_state_dict(list(model_chunks))
     state["step"] = iteration
@@ -68,7 +60,7 @@ def save_model_checkpoint(
         dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank() == 0:
-        commit_checkpoint(root, iteration)
+        tracker.commit_checkpoint(root, iteration)
     _barrier()
     return checkpoint_path(root, iteration)
 
@@ -77,9 +69,9 @@ def _resolve(root: str | Path, iteration: int | None) -> Path:
     root = Path(root)
     if (root / "common.pt").is_file() or (root / "metadata.json").is_file():
         return root  # an iter_XXXXXXX directory itself
-    iteration = latest_iteration(root) if iteration is None else iteration
+    iteration = tracker.latest_iteration(root) if iteration is None else iteration
     if iteration is None:
-        raise CheckpointError(f"no checkpoint under {root}: {TRACKER} is missing (pass the iter_XXXXXXX directory)")
+        raise CheckpointError(f"no checkpoint under {root}: {tracker.TRACKER} is missing (pass the iter_XXXXXXX directory)")
     path = checkpoint_path(root, iteration)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -114,7 +106,7 @@ def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], root: str | P
     from minpro_megatron.parallel.cpu_compat import cuda_literals_to_cpu
 
     path = _resolve(root, iteration)
-    chunks = [unwrap(m) for m in model_chunks]
+    chunks = list(model_chunks)
     with cuda_literals_to_cpu():
         try:
             state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
@@ -123,7 +115,5 @@ def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], root: str | P
         except BaseException as exc:  # noqa: BLE001  torch DCP's CheckpointException is a BaseException
             # dist_checkpointing's message names the key and both shapes
             raise CheckpointError(f"loading the model from {path} failed: {exc}") from exc
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, key in zip(chunks, keys):
-        chunk.load_state_dict(state[key], strict=True)
+    load_model_state(chunks, state)
     return path

@@ -35,6 +35,7 @@ from minpro_megatron.checkpoint_tracker import (
     prepare_staging,
     staging_path,
 )
+from minpro_megatron.learner.model_provider import unwrap_model
 
 if TYPE_CHECKING:
     from minpro_megatron.learner.learner import Learner
@@ -45,6 +46,7 @@ __all__ = [
     "latest_iteration",
     "checkpoint_path",
     "model_sharded_state_dict",
+    "load_model_state",
     "CheckpointError",
     "load_rank_state",
     "read_common",
@@ -75,12 +77,21 @@ def layout_signature() -> dict[str, int]:
     }
 
 
+def _model_keys(n_chunks: int) -> list[str]:
+    return ["model"] if n_chunks == 1 else [f"model{i}" for i in range(n_chunks)]
+
+
 def model_sharded_state_dict(model_chunks: list) -> dict[str, Any]:
     """{"model": ...} for one chunk, {"model0": ..., "model1": ...} with virtual pipelining."""
-    chunks = [m.module if hasattr(m, "module") else m for m in model_chunks]
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    chunks = [unwrap_model(m) for m in model_chunks]
+    return {key: c.sharded_state_dict() for key, c in zip(_model_keys(len(chunks)), chunks)}
+
+
+def load_model_state(model_chunks: list, state: dict[str, Any]) -> None:
+    """Load the model part of a loaded checkpoint (``model_sharded_state_dict``'s keys) into the chunks, strictly."""
+    chunks = [unwrap_model(m) for m in model_chunks]
+    for chunk, key in zip(chunks, _model_keys(len(chunks))):
+        chunk.load_state_dict(state[key], strict=True)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -243,10 +254,7 @@ def load_checkpoint(
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             raise CheckpointError(f"loading {path} failed: {exc}") from exc
-    chunks = [m.module if hasattr(m, "module") else m for m in learner.model]
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, key in zip(chunks, keys):
-        chunk.load_state_dict(state[key], strict=True)
+    load_model_state(learner.model, state)
     if restore_moments:
         with _cpu_mode(), _torch_adam_param_state_load(learner.optimizer):
             learner.optimizer.load_state_dict(state["optimizer"])

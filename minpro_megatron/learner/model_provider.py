@@ -27,6 +27,7 @@ __all__ = [
     "layer_spec_for",
     "te_usable",
     "transformer_config_from",
+    "unwrap_model",
     "validate_model_layout",
 ]
 
@@ -249,6 +250,14 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, **kwargs: A
         return [build_gpt_model(model, parallel, **kwargs)]
     config = kwargs.pop("config", None) or transformer_config_from(model, parallel)
     return [build_gpt_model(model, parallel, config=config, vp_stage=i, **kwargs) for i in range(parallel.virtual_pipeline)]
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel that ``build_gpt_model`` built, under the learner's DDP / Float16Module wrappers (the
+    GPTModel itself has no ``module`` attribute)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def _mark_expert_params(gpt: torch.nn.Module, config: Any) -> None:
