@@ -2,8 +2,8 @@
 checks them before anything starts, and the model build (learner/model_provider.py) checks them again for
 a ModelConfig resolved from an HF checkpoint. Imports no torch.
 
-Each error names the field(s) and the fix. World-size rules (DP, EP x ETP x PP) need the number of
-processes and stay in ``RunConfig.validate``.
+Each error names the field(s) and the fix. ``check_world`` adds the rules that need the number of
+processes (``RunConfig.validate(world_size)`` and learner/distributed.py before any process group exists).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from minpro_megatron.config.base import ConfigError
 if TYPE_CHECKING:
     from minpro_megatron.config.schema import ModelConfig, ParallelConfig
 
-__all__ = ["check_layout"]
+__all__ = ["check_layout", "check_world"]
 
 
 def check_layout(model: "ModelConfig", parallel: "ParallelConfig") -> None:
@@ -61,3 +61,17 @@ def check_layout(model: "ModelConfig", parallel: "ParallelConfig") -> None:
             "model.moe_token_dispatcher_type=allgather does not support variable sequence lengths, which "
             "pipeline parallelism needs for packed micro-batches; use alltoall"
         )
+
+
+def check_world(parallel: "ParallelConfig", world_size: int) -> int:
+    """The data-parallel size of ``parallel`` on ``world_size`` processes; ConfigError naming the fields
+    when TP x PP x CP or EP x ETP x PP does not divide the world."""
+    p = parallel
+    dp = p.data_parallel_size(world_size)
+    etp = p.expert_tensor or p.tensor  # None: experts use the dense tensor parallel size
+    if world_size % (p.expert * etp * p.pipeline):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.expert * parallel.expert_tensor * "
+            f"parallel.pipeline = {p.expert}*{etp}*{p.pipeline}; change the expert layout or the number of processes"
+        )
+    return dp

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from minpro_megatron.config.base import ConfigError, load_yaml_config, to_dict
-from minpro_megatron.config.layout_rules import check_layout
+from minpro_megatron.config.layout_rules import check_layout, check_world
 from minpro_megatron.config.loss import LossConfig
 from minpro_megatron.config.slurm import SlurmConfig
 
@@ -330,7 +330,7 @@ class RunConfig:
                     "raise parallel.collective_timeout_s"
                 )
         if world_size is not None:
-            dp = p.data_parallel_size(world_size)
+            dp = check_world(p, world_size)
             # prompts are split over DP ranks (groups never span ranks): checked before anything starts
             if t.rollout_batch_size % dp:
                 raise ConfigError(
@@ -342,11 +342,6 @@ class RunConfig:
                 raise ConfigError(
                     f"the warm start takes train.rollout_batch_size * train.group_size / train.updates_per_batch = {warm} "
                     f"prompts per step, not divisible by the data-parallel size {dp}; change the batch or the layout"
-                )
-            if world_size % (p.expert * (p.expert_tensor or 1) * p.pipeline):
-                raise ConfigError(
-                    f"world size {world_size} is not divisible by parallel.expert * parallel.expert_tensor * "
-                    f"parallel.pipeline = {p.expert}*{p.expert_tensor or 1}*{p.pipeline}"
                 )
             per_update = samples // t.updates_per_batch
             if per_update % (dp * t.micro_batch_size):

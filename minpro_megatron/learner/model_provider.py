@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from minpro_megatron.config import ModelConfig, ParallelConfig
 from minpro_megatron.config.base import ConfigError
 from minpro_megatron.config.layout_rules import check_layout
+from minpro_megatron.learner.distributed import megatron_parallel_sizes
 
 __all__ = [
     "build_gpt_model",
@@ -74,7 +75,6 @@ def transformer_config_from(
 
     validate_model_layout(model, parallel)
     dtype = _DTYPES[model.params_dtype]
-    tp = parallel.tensor
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
@@ -108,12 +108,7 @@ def transformer_config_from(
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=parallel.pipeline,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
-        context_parallel_size=parallel.context,
-        expert_model_parallel_size=parallel.expert,
-        expert_tensor_parallel_size=parallel.expert_tensor,
+        **megatron_parallel_sizes(parallel),
         sequence_parallel=parallel.sequence_parallel_on,
         # read by megatron's config checks even for dense models (allgather rejects variable lengths)
         moe_token_dispatcher_type=model.moe_token_dispatcher_type if model.is_moe else "alltoall",

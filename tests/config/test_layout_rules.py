@@ -10,7 +10,7 @@ import pytest
 
 from minpro_megatron.config import ModelConfig, ParallelConfig, load_config
 from minpro_megatron.config.base import ConfigError
-from minpro_megatron.config.layout_rules import check_layout
+from minpro_megatron.config.layout_rules import check_layout, check_world
 
 TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny_moe_cpu.yaml"
 
@@ -46,3 +46,13 @@ def test_every_example_config_passes_the_layout_rules() -> None:
     for path in examples:
         cfg = load_config(path)
         check_layout(cfg.model, cfg.parallel)
+
+
+def test_the_world_size_rules_read_a_null_expert_tensor_as_the_tensor_size() -> None:
+    cfg = load_config(TINY, ["parallel.tensor=2", "parallel.expert=4", "parallel.expert_tensor=null"])
+    match = r"world size 4 is not divisible by parallel\.expert \* parallel\.expert_tensor \* parallel\.pipeline = 4\*2\*1"
+    with pytest.raises(ConfigError, match=match):
+        cfg.validate(world_size=4)  # learner/distributed.py refuses the same world before any process group
+    with pytest.raises(ConfigError, match=match):
+        check_world(cfg.parallel, 4)
+    assert check_world(cfg.parallel, 8) == 4
