@@ -4,7 +4,8 @@
     cfg.validate(world_size=4)
 
 Sections own their fields; ``RunConfig.validate`` checks the rules that cross sections
-(heads divisible by TP, experts by EP, world size = TP * PP * CP * DP, batch divisible by micro-batches).
+(the model + parallel layout rules of config/layout_rules.py: heads divisible by TP, layers by PP x VPP,
+experts by EP; world size = TP * PP * CP * DP, batch divisible by micro-batches).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from minpro_megatron.config.base import ConfigError, load_yaml_config, to_dict
+from minpro_megatron.config.layout_rules import check_layout, check_world
 from minpro_megatron.config.loss import LossConfig
 from minpro_megatron.config.slurm import SlurmConfig
 
@@ -117,6 +119,11 @@ class ParallelConfig:
     # sync, probe) end in a status broadcast, so a failure there ends every rank at once; this timeout only
     # bounds a rank that hangs. It must exceed the longest legitimate rank-0 phase (RunConfig.validate).
     collective_timeout_s: float = 3600.0  # seconds a rank waits in a collective before torch aborts it
+
+    @property
+    def sequence_parallel_on(self) -> bool:
+        """``sequence_parallel`` with None resolved: on when tensor > 1."""
+        return self.sequence_parallel if self.sequence_parallel is not None else self.tensor > 1
 
     def data_parallel_size(self, world_size: int) -> int:
         model = self.tensor * self.pipeline * self.context
@@ -298,23 +305,7 @@ class RunConfig:
         self.loss.validate()
         self.rollout.validate()
         p, m = self.parallel, self.model
-        for name in ("tensor", "pipeline", "expert", "context"):
-            if getattr(p, name) < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
-        if m.num_attention_heads % p.tensor:
-            raise ConfigError(
-                f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}"
-            )
-        if m.num_query_groups % p.tensor:
-            raise ConfigError(
-                f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tensor={p.tensor}"
-            )
-        if m.num_layers % p.pipeline:
-            raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
-        if p.expert > 1 and not m.is_moe:
-            raise ConfigError("parallel.expert > 1 needs an MoE model (model.num_experts)")
-        if m.is_moe and m.num_experts % p.expert:
-            raise ConfigError(f"model.num_experts={m.num_experts} is not divisible by parallel.expert={p.expert}")
+        check_layout(m, p)
         t = self.train
         if t.rollout_batch_size < 1 or t.group_size < 1:
             raise ConfigError("train.rollout_batch_size and train.group_size must be >= 1")
@@ -339,7 +330,7 @@ class RunConfig:
                     "raise parallel.collective_timeout_s"
                 )
         if world_size is not None:
-            dp = p.data_parallel_size(world_size)
+            dp = check_world(p, world_size)
             # prompts are split over DP ranks (groups never span ranks): checked before anything starts
             if t.rollout_batch_size % dp:
                 raise ConfigError(
@@ -351,11 +342,6 @@ class RunConfig:
                 raise ConfigError(
                     f"the warm start takes train.rollout_batch_size * train.group_size / train.updates_per_batch = {warm} "
                     f"prompts per step, not divisible by the data-parallel size {dp}; change the batch or the layout"
-                )
-            if world_size % (p.expert * (p.expert_tensor or 1) * p.pipeline):
-                raise ConfigError(
-                    f"world size {world_size} is not divisible by parallel.expert * parallel.expert_tensor * "
-                    f"parallel.pipeline = {p.expert}*{p.expert_tensor or 1}*{p.pipeline}"
                 )
             per_update = samples // t.updates_per_batch
             if per_update % (dp * t.micro_batch_size):

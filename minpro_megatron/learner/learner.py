@@ -24,7 +24,7 @@ import torch.distributed as dist
 from minpro_megatron.config import RunConfig
 from minpro_megatron.learner.batch import MicroBatch, TrainSample, global_batch_totals, pack_micro_batch, split_micro_batches
 from minpro_megatron.learner.logprobs import capture_output_layer_input, logprobs_from_hidden, prepare_packed_inputs
-from minpro_megatron.learner.model_provider import build_model_chunks, transformer_config_from
+from minpro_megatron.learner.model_provider import build_model_chunks, transformer_config_from, unwrap_model
 from minpro_megatron.losses import BatchTotals, policy_loss
 from minpro_megatron.parallel.cp_layout import ZigzagLayout
 from minpro_megatron.parallel.json_collectives import broadcast_json
@@ -180,7 +180,7 @@ class Learner:
                 attention_mask=None,
                 packed_seq_params=mb.inputs.packed_seq_params,
             )
-            post = getattr(_unwrap(model), "post_process", True)
+            post = getattr(unwrap_model(model), "post_process", True)
             if not post:
                 return model(**call), None
             with capture_output_layer_input(model) as cap:
@@ -384,12 +384,6 @@ class _Forward:
     """A forward-only micro-batch: just the packed inputs."""
 
     inputs: Any
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _entropy_metrics(ent: torch.Tensor | None, mb: MicroBatch) -> dict[str, float]:
