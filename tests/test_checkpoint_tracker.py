@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,11 @@ def test_the_tracker_module_imports_no_torch() -> None:
             "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_only_the_tracker_module_names_the_tracker_file() -> None:
+    """One owner of the protocol: any other module spelling the file name has grown its own copy."""
+    root = Path(__file__).resolve().parents[1] / "minpro_megatron"
+    spelled = [str(p.relative_to(root)) for p in root.rglob("*.py")
+               if "latest_checkpointed_iteration" in p.read_text() and p.name != "checkpoint_tracker.py"]
+    assert spelled == []
