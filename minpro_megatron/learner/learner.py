@@ -8,8 +8,6 @@ returned loss by the number of micro-batches (schedules.forward_step_calc_loss, 
 ``calculate_per_token_loss``) and DDP averages gradients over the DP x CP group. The loss function
 therefore returns ``share * dp_cp_size * num_microbatches``, so the accumulated gradient is exactly the
 sum of shares over micro-batches and ranks: the gradient of the global token-mean (or seq-mean) loss.
-
-Length: one class, because train, SFT, scoring and sampling logits share the packed forward and the loss-scaling rules above; the helpers are small.
 """
 
 from __future__ import annotations
