@@ -185,3 +185,23 @@ def test_from_config_modes():
     q = RolloutQuantizer.from_config(RolloutConfig(quantization="int4_w4a16", server_device="cuda", quantization_group_size=64))
     assert not q.dequantize and q.out_dtype == torch.bfloat16 and q.group_size == 64
     assert q.hf_quantization_config({"lm_head.weight": (8, 4)})["config_groups"]["group_0"]["weights"]["group_size"] == 64
+
+
+def test_real_mode_quantization_config_parses_in_sglang(state):
+    """config.json's quantization_config of a real export, read by SGLang's own config classes: quantized
+    layers get the int4 group scheme / fp8 with dynamic activations, skipped ones are ignored."""
+    from sglang.srt.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+    from sglang.srt.layers.quantization.fp8 import Fp8Config
+
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    ct = CompressedTensorsConfig.from_config(quantizer("int4_w4a16", False).hf_quantization_config(shapes))
+    linear = torch.nn.Linear(64, 64)
+    scheme = ct.get_scheme_dict(layer=linear, layer_name="model.layers.0.self_attn.o_proj")
+    w = scheme["weights"]
+    assert (w.num_bits, w.group_size, w.symmetric, str(w.strategy), scheme["input_activations"]) == (4, GROUP, True, "group", None)
+    assert ct.get_scheme_dict(layer=linear, layer_name="model.layers.0.mlp.gate") is None  # the router stays unquantized
+    assert ct.get_scheme_dict(layer=linear, layer_name="lm_head") is None
+
+    fp8 = Fp8Config.from_config(quantizer("fp8", False).hf_quantization_config(shapes))
+    assert fp8.is_checkpoint_fp8_serialized and fp8.activation_scheme == "dynamic" and fp8.weight_block_size is None
+    assert {"lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"} <= set(fp8.ignored_layers)
