@@ -205,3 +205,26 @@ def test_real_mode_quantization_config_parses_in_sglang(state):
     fp8 = Fp8Config.from_config(quantizer("fp8", False).hf_quantization_config(shapes))
     assert fp8.is_checkpoint_fp8_serialized and fp8.activation_scheme == "dynamic" and fp8.weight_block_size is None
     assert {"lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"} <= set(fp8.ignored_layers)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4_w4a16"])
+def test_real_buckets_survive_the_flattened_wire_and_safetensors(state, fmt, tmp_path):
+    """Mixed-dtype real buckets (fp8 / int32 / int64 / bf16 / fp32) through the flattened-bucket wire form
+    and the initial export's safetensors writer come back bit for bit."""
+    from minpro_megatron.convert.hf_io import write_safetensors_shards
+    from minpro_megatron.models.tiny_hf import read_checkpoint_dir
+    from minpro_megatron.weights.buckets import FlatBucket, iter_buckets
+
+    real = quantizer(fmt, False, torch.bfloat16).apply(state.items())
+    buckets = list(iter_buckets(real, 4096))
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+    want = dict(real)
+    for b in buckets:
+        for n, t in FlatBucket.from_bucket(b).unflatten():
+            assert same(t.contiguous(), want[n]), n
+    write_safetensors_shards(iter(buckets), tmp_path)
+    back = read_checkpoint_dir(tmp_path)
+    assert sorted(back) == sorted(want) and all(same(back[n], t) for n, t in want.items())
