@@ -71,9 +71,10 @@ class QuantizationError(ValueError):
 
 # ---- fp8 (e4m3, one scale per tensor or fusion group) ---------------------------------------------------
 def fp8_scale(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One fp32 scale for all ``tensors``: max |w| / 448 (1.0 for all-zero tensors), shape [1]."""
+    """One fp32 scale for all ``tensors``: max |w| / 448 (1.0 for all-zero tensors), shape [1], on their
+    device (a bucket must not mix devices)."""
     amax = max(float(t.detach().abs().max()) for t in tensors)
-    return torch.tensor([amax / FP8_MAX if amax > 0 else 1.0], dtype=torch.float32)
+    return torch.tensor([amax / FP8_MAX if amax > 0 else 1.0], dtype=torch.float32, device=tensors[0].device)
 
 
 def fp8_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -200,7 +201,7 @@ class RolloutQuantizer:
                 m = n[: -len(".weight")]
                 out[n] = ([(n, int4_dequantize(q, scale, self.group_size, self.out_dtype))] if self.dequantize
                           else [(f"{m}.weight_packed", int4_pack(q)), (f"{m}.weight_scale", scale),
-                                (f"{m}.weight_shape", torch.tensor(list(t.shape), dtype=torch.int64))])
+                                (f"{m}.weight_shape", torch.tensor(list(t.shape), dtype=torch.int64, device=t.device))])
         result: Named = []
         for n, t in group:
             result.extend(out.get(n, [(n, t)]))
