@@ -168,6 +168,10 @@ class StalenessConfig:
     overflow: Literal["drop", "requeue"] = "drop"  # bounded mode: what happens to groups older than n
 
 
+# router (MoE gate), norms, embeddings and the output layer stay in high precision (weights/quantize.py)
+QUANT_SKIP_DEFAULT = ("*embed_tokens", "lm_head", "*norm", "*.mlp.gate", "*.shared_expert_gate")
+
+
 @dataclass
 class RolloutConfig:
     backend: Literal["local", "sglang"] = "local"  # local: the learner samples itself; sglang: an SGLang server fleet
@@ -200,6 +204,11 @@ class RolloutConfig:
     weight_sync_timeout_s: float = 300.0  # seconds allowed for one weight update
     weight_sync_master_address: str = "127.0.0.1"  # the trainer's address as the servers reach it (multi-node: its IP)
     verify_threshold: float | None = None  # max |logp diff| allowed after a sync (None: report only)
+    # low-precision rollout weights (weights/quantize.py, docs/quantized_rollouts.md)
+    quantization: Literal["none", "fp8", "int4_w4a16"] = "none"  # none; fp8: e4m3, one scale per tensor; int4_w4a16: int4 weights in groups, 16-bit activations
+    quantization_mode: Literal["auto", "real", "dequantized"] = "auto"  # real: quantized tensors + scales (GPU); dequantized: quantize->dequantize in server_dtype (CPU); auto: real on GPU servers
+    quantization_group_size: int = 128  # int4_w4a16: input columns per scale (must divide every quantized layer's input size)
+    quantization_skip: list[str] = field(default_factory=lambda: list(QUANT_SKIP_DEFAULT))  # HF module-name patterns (fnmatch) kept in high precision
     # API key of servers + router (rollout/auth.py): a 0600 file holding it; None: $MINPRO_API_KEY or no key.
     # Without a key every server, router and URL must be loopback unless allow_unauthenticated is set.
     api_key_file: str | None = None
@@ -217,7 +226,7 @@ class RolloutConfig:
             port = getattr(self, name)
             if port != 0 and not 1024 <= port <= 65535:
                 raise ConfigError(f"rollout.{name}={port} must be 0 (a free port) or in 1024..65535")
-        for name in ("max_concurrency", "bucket_mb", "server_tp_size"):
+        for name in ("max_concurrency", "bucket_mb", "server_tp_size", "quantization_group_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         if self.request_retries < 0:
@@ -226,6 +235,11 @@ class RolloutConfig:
             raise ConfigError(
                 "rollout.weight_transport=tensor needs colocated GPU servers (CUDA IPC); on CPU use "
                 "'distributed' (gloo) or 'disk'"
+            )
+        if self.quantization != "none" and self.quantization_mode == "real" and self.server_device == "cpu":
+            raise ConfigError(
+                f"rollout.quantization={self.quantization} with quantization_mode=real needs GPU servers (SGLang has no "
+                "CPU fp8/int4 kernels); on CPU use rollout.quantization_mode=dequantized (or auto)"
             )
         if self.keep_exports < 1:
             raise ConfigError(f"rollout.keep_exports={self.keep_exports} must be >= 1 (the servers boot from the newest)")

@@ -72,6 +72,9 @@ class SGLangEngine:
         self.out_dir = Path(out_dir) / "rollout"
         self.exporter = HFExporter(learner.model, cfg.model)
         self.bucket_bytes = cfg.rollout.bucket_mb * 2**20
+        from minpro_megatron.weights.quantize import RolloutQuantizer
+
+        self.quantizer = RolloutQuantizer.from_config(cfg.rollout)  # None: full-precision rollouts
         self.probe_prompt = [t for t in ([tokenizer.bos_token_id] + tokenizer.encode("12+34=", add_special_tokens=False)) if t is not None]
         self.fleet = self.client = self.sync = None
         attach = bool(cfg.rollout.server_urls)
@@ -110,7 +113,7 @@ class SGLangEngine:
         from minpro_megatron.convert.hf_io import write_safetensors_shards
 
         self.hf_dir = self.out_dir / f"policy_step{self.version}"
-        buckets = iter(self.exporter.buckets(self.bucket_bytes))
+        buckets = iter(self.exporter.buckets(self.bucket_bytes, transform=self.quantizer))
         final = self.hf_dir
 
         def write() -> None:
@@ -120,6 +123,9 @@ class SGLangEngine:
             tmp.mkdir(parents=True)
             write_safetensors_shards(buckets, tmp)
             hf_cfg = hf_config_from_model(self.cfg.model, dtype=self.cfg.rollout.server_dtype)
+            if self.quantizer is not None and not self.quantizer.dequantize:  # the servers load the quantized format
+                shapes = {n: s for p in self.exporter.plan for n, s in zip(p.map.hf, p.map.hf_shapes)}
+                hf_cfg["quantization_config"] = self.quantizer.hf_quantization_config(shapes)
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
             tokenizer.save_pretrained(tmp)
             fsync_tree(tmp)
@@ -200,7 +206,7 @@ class SGLangEngine:
                 f"the learner's parameters are not finite before the weight sync to step {version}: not publishing them "
                 "(see optim/skipped_updates and train.max_nonfinite_skips)"
             )
-        buckets = iter(self.exporter.buckets(self.bucket_bytes))
+        buckets = iter(self.exporter.buckets(self.bucket_bytes, transform=self.quantizer))
         pushed = SyncStats(version=version)  # rank 0's push; the other ranks only gather
 
         def push() -> SyncStats:
