@@ -10,18 +10,14 @@ import importlib
 import importlib.util
 from pathlib import Path
 
+from minpro_megatron.checkpoint_tracker import TRACKER, has_checkpoint
 from minpro_megatron.cli_support import require_dir, require_file
 from minpro_megatron.config import RunConfig
 from minpro_megatron.config.base import ConfigError, UserError
 
-__all__ = ["check_run_inputs", "has_checkpoint"]
+__all__ = ["check_run_inputs", "has_checkpoint"]  # has_checkpoint is checkpoint_tracker.py's (re-exported)
 
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-_TRACKER = "latest_checkpointed_iteration.txt"
-
-
-def has_checkpoint(root: str | Path) -> bool:
-    return (Path(root) / _TRACKER).is_file()
 
 
 def check_run_inputs(cfg: RunConfig) -> None:
@@ -51,7 +47,7 @@ def check_run_inputs(cfg: RunConfig) -> None:
         require_dir(cfg.checkpoint.load, "checkpoint.load")
         if not has_checkpoint(cfg.checkpoint.load):
             raise UserError(
-                f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint (no {_TRACKER}); point it at a "
+                f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint (no {TRACKER}); point it at a "
                 "run's checkpoints/ folder or the output of tools/convert_hf_to_megatron.py"
             )
     for module in d.reward_modules:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "minpro_megatron"
 # Bottom to top; a name is a subpackage or a top-level module of minpro_megatron. Keep in step with
 # docs/architecture.md.
 LAYERS: list[list[str]] = [
-    ["atomic_io", "config", "cli_support"],
+    ["atomic_io", "config", "cli_support", "checkpoint_tracker"],
     ["parallel"],
     ["losses", "advantages", "rewards", "data", "models", "metrics", "preflight"],
     ["learner"],

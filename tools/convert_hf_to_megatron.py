@@ -4,7 +4,7 @@
     python tools/convert_hf_to_megatron.py --hf-dir /ckpt/Qwen3-30B-A3B --out /ckpt/qwen3-30b-mcore
     torchrun --nproc_per_node 8 tools/convert_hf_to_megatron.py --hf-dir ... --out ... --tp 2 --ep 4
 
-The model's architecture comes from the directory's config.json (convert/hf_config.py); nothing about the
+The model's architecture comes from the directory's config.json (config/hf_model.py); nothing about the
 model is typed by hand. The result is ``OUT/iter_0000000`` + ``OUT/latest_checkpointed_iteration.txt``
 (the Learner's layout) plus ``OUT/hf/`` (config.json and tokenizer files, for the reverse conversion and
 the rollout servers). It loads with ``learner.checkpoint.load_checkpoint(learner, OUT,

@@ -3,6 +3,7 @@
 
 - ``base.py``: YAML loading, dotted overrides, ``ConfigError``, ``to_dict``.
 - ``schema.py``: one dataclass per section and ``RunConfig.validate`` (rules across sections).
+- ``layout_rules.py``: the model + parallel layout rules (TP, PP x VPP, EP), shared with the model build.
 - ``loss.py``, ``slurm.py``: the ``loss`` and ``slurm`` sections.
 - ``docs.py``: help text of every field (docs/config.md, ``--show-config``).
 - ``resume.py``: which fields may change when a run resumes.

@@ -4,7 +4,8 @@
     cfg.validate(world_size=4)
 
 Sections own their fields; ``RunConfig.validate`` checks the rules that cross sections
-(heads divisible by TP, experts by EP, world size = TP * PP * CP * DP, batch divisible by micro-batches).
+(the model + parallel layout rules of config/layout_rules.py: heads divisible by TP, layers by PP x VPP,
+experts by EP; world size = TP * PP * CP * DP, batch divisible by micro-batches).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from minpro_megatron.config.base import ConfigError, load_yaml_config, to_dict
+from minpro_megatron.config.layout_rules import check_layout, check_world
 from minpro_megatron.config.loss import LossConfig
 from minpro_megatron.config.slurm import SlurmConfig
 
@@ -67,7 +69,7 @@ class ModelConfig:
     # Layer implementation: auto = TransformerEngine when CUDA and TE are present, else megatron's local
     # spec (the only choice on CPU); local / transformer_engine force one (the GPU check compares them).
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    # Set by convert.hf_config from config.json (Qwen2 / Qwen2-MoE / Llama / Mixtral need them):
+    # Set by config/hf_model.py from config.json (Qwen2 / Qwen2-MoE / Llama / Mixtral need them):
     add_qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2); o_proj has none
     moe_shared_expert_gate: bool = False  # sigmoid(x @ w) scales the shared expert's output (Qwen2-MoE)
     # Embedding / output rows are padded to a multiple of this (zero rows; stripped on HF export) so that
@@ -118,6 +120,11 @@ class ParallelConfig:
     # bounds a rank that hangs. It must exceed the longest legitimate rank-0 phase (RunConfig.validate).
     collective_timeout_s: float = 3600.0  # seconds a rank waits in a collective before torch aborts it
 
+    @property
+    def sequence_parallel_on(self) -> bool:
+        """``sequence_parallel`` with None resolved: on when tensor > 1."""
+        return self.sequence_parallel if self.sequence_parallel is not None else self.tensor > 1
+
     def data_parallel_size(self, world_size: int) -> int:
         model = self.tensor * self.pipeline * self.context
         if world_size % model:
@@ -161,6 +168,10 @@ class StalenessConfig:
     overflow: Literal["drop", "requeue"] = "drop"  # bounded mode: what happens to groups older than n
 
 
+# router (MoE gate), norms, embeddings and the output layer stay in high precision (weights/quantize.py)
+QUANT_SKIP_DEFAULT = ("*embed_tokens", "lm_head", "*norm", "*.mlp.gate", "*.shared_expert_gate")
+
+
 @dataclass
 class RolloutConfig:
     backend: Literal["local", "sglang"] = "local"  # local: the learner samples itself; sglang: an SGLang server fleet
@@ -193,6 +204,11 @@ class RolloutConfig:
     weight_sync_timeout_s: float = 300.0  # seconds allowed for one weight update
     weight_sync_master_address: str = "127.0.0.1"  # the trainer's address as the servers reach it (multi-node: its IP)
     verify_threshold: float | None = None  # max |logp diff| allowed after a sync (None: report only)
+    # low-precision rollout weights (weights/quantize.py, docs/quantized_rollouts.md)
+    quantization: Literal["none", "fp8", "int4_w4a16"] = "none"  # none; fp8: e4m3, one scale per tensor; int4_w4a16: int4 weights in groups, 16-bit activations
+    quantization_mode: Literal["auto", "real", "dequantized"] = "auto"  # real: quantized tensors + scales (GPU); dequantized: quantize->dequantize in server_dtype (CPU); auto: real on GPU servers
+    quantization_group_size: int = 128  # int4_w4a16: input columns per scale (must divide every quantized layer's input size)
+    quantization_skip: list[str] = field(default_factory=lambda: list(QUANT_SKIP_DEFAULT))  # HF module-name patterns (fnmatch) kept in high precision
     # API key of servers + router (rollout/auth.py): a 0600 file holding it; None: $MINPRO_API_KEY or no key.
     # Without a key every server, router and URL must be loopback unless allow_unauthenticated is set.
     api_key_file: str | None = None
@@ -210,7 +226,7 @@ class RolloutConfig:
             port = getattr(self, name)
             if port != 0 and not 1024 <= port <= 65535:
                 raise ConfigError(f"rollout.{name}={port} must be 0 (a free port) or in 1024..65535")
-        for name in ("max_concurrency", "bucket_mb", "server_tp_size"):
+        for name in ("max_concurrency", "bucket_mb", "server_tp_size", "quantization_group_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         if self.request_retries < 0:
@@ -219,6 +235,11 @@ class RolloutConfig:
             raise ConfigError(
                 "rollout.weight_transport=tensor needs colocated GPU servers (CUDA IPC); on CPU use "
                 "'distributed' (gloo) or 'disk'"
+            )
+        if self.quantization != "none" and self.quantization_mode == "real" and self.server_device == "cpu":
+            raise ConfigError(
+                f"rollout.quantization={self.quantization} with quantization_mode=real needs GPU servers (SGLang has no "
+                "CPU fp8/int4 kernels); on CPU use rollout.quantization_mode=dequantized (or auto)"
             )
         if self.keep_exports < 1:
             raise ConfigError(f"rollout.keep_exports={self.keep_exports} must be >= 1 (the servers boot from the newest)")
@@ -298,23 +319,7 @@ class RunConfig:
         self.loss.validate()
         self.rollout.validate()
         p, m = self.parallel, self.model
-        for name in ("tensor", "pipeline", "expert", "context"):
-            if getattr(p, name) < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
-        if m.num_attention_heads % p.tensor:
-            raise ConfigError(
-                f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}"
-            )
-        if m.num_query_groups % p.tensor:
-            raise ConfigError(
-                f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tensor={p.tensor}"
-            )
-        if m.num_layers % p.pipeline:
-            raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
-        if p.expert > 1 and not m.is_moe:
-            raise ConfigError("parallel.expert > 1 needs an MoE model (model.num_experts)")
-        if m.is_moe and m.num_experts % p.expert:
-            raise ConfigError(f"model.num_experts={m.num_experts} is not divisible by parallel.expert={p.expert}")
+        check_layout(m, p)
         t = self.train
         if t.rollout_batch_size < 1 or t.group_size < 1:
             raise ConfigError("train.rollout_batch_size and train.group_size must be >= 1")
@@ -339,7 +344,7 @@ class RunConfig:
                     "raise parallel.collective_timeout_s"
                 )
         if world_size is not None:
-            dp = p.data_parallel_size(world_size)
+            dp = check_world(p, world_size)
             # prompts are split over DP ranks (groups never span ranks): checked before anything starts
             if t.rollout_batch_size % dp:
                 raise ConfigError(
@@ -351,11 +356,6 @@ class RunConfig:
                 raise ConfigError(
                     f"the warm start takes train.rollout_batch_size * train.group_size / train.updates_per_batch = {warm} "
                     f"prompts per step, not divisible by the data-parallel size {dp}; change the batch or the layout"
-                )
-            if world_size % (p.expert * (p.expert_tensor or 1) * p.pipeline):
-                raise ConfigError(
-                    f"world size {world_size} is not divisible by parallel.expert * parallel.expert_tensor * "
-                    f"parallel.pipeline = {p.expert}*{p.expert_tensor or 1}*{p.pipeline}"
                 )
             per_update = samples // t.updates_per_batch
             if per_update % (dp * t.micro_batch_size):

@@ -22,7 +22,8 @@ __all__ = ["Bucket", "iter_buckets", "bucket_nbytes", "FlatBucket", "dtype_name"
 
 Bucket = list[tuple[str, torch.Tensor]]
 
-_SUPPORTED = {torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.int8}
+_SUPPORTED = {torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.int8,
+              torch.float8_e4m3fn}  # fp8: quantized rollout weights (weights/quantize.py)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -23,8 +23,9 @@ from typing import Iterable, Sequence
 import torch
 
 from minpro_megatron.convert.mapping import ParamMap
+from minpro_megatron.learner.model_provider import unwrap_model
 
-__all__ = ["LocalParam", "LayoutError", "canonical_name", "local_params", "merge_shards", "shard_of", "unwrap"]
+__all__ = ["LocalParam", "LayoutError", "canonical_name", "local_params", "merge_shards", "shard_of"]
 
 
 class LayoutError(RuntimeError):
@@ -44,13 +45,6 @@ class LocalParam:
     @property
     def glu(self) -> bool:
         return self.map.kind == "glu"
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel under DDP / Float16Module wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
@@ -102,7 +96,7 @@ def local_params(model_chunks: Iterable[torch.nn.Module], maps: Sequence[ParamMa
     etp = (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size())
     out: list[LocalParam] = []
     for c, wrapped in enumerate(model_chunks):
-        chunk = unwrap(wrapped)
+        chunk = unwrap_model(wrapped)
         numbers, experts = _chunk_geometry(chunk)
         for name, param in chunk.named_parameters():
             canon = canonical_name(name, numbers, experts)
@@ -111,7 +105,7 @@ def local_params(model_chunks: Iterable[torch.nn.Module], maps: Sequence[ParamMa
             if pm is None:
                 raise LayoutError(
                     f"{where} (canonical {canon!r}) has no Hugging Face counterpart in the mapping for this ModelConfig; "
-                    "the model was built with options the converter does not map (see convert/families.py)"
+                    "the model was built with options the converter does not map (see config/hf_families.py)"
                 )
             rank, size = etp if pm.expert else tp
             out.append(_with_shard(where, canon, param, pm, rank, size))

@@ -12,8 +12,6 @@ reverse conversion needs no hand-written model arguments.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,12 +20,11 @@ import torch.distributed as dist
 
 from minpro_megatron.config import ModelConfig
 from minpro_megatron.config.base import from_dict, to_dict
-from minpro_megatron.learner.checkpoint import CheckpointError, checkpoint_path, latest_iteration, model_sharded_state_dict
-from minpro_megatron.convert.layout import unwrap
+from minpro_megatron import checkpoint_tracker as tracker
+from minpro_megatron.checkpoint_tracker import CheckpointError, checkpoint_path
+from minpro_megatron.learner.checkpoint import layout_signature, load_model_state, model_sharded_state_dict
 
-__all__ = ["save_model_checkpoint", "load_model_checkpoint", "checkpoint_extra", "model_config_from_checkpoint", "TRACKER"]
-
-TRACKER = "latest_checkpointed_iteration.txt"  # the name learner.checkpoint reads
+__all__ = ["save_model_checkpoint", "load_model_checkpoint", "checkpoint_extra", "model_config_from_checkpoint"]
 
 
 def _rank() -> int:
@@ -49,54 +46,32 @@ def save_model_checkpoint(
 ) -> Path:
     """Save the model chunks' parameters as ``ROOT/iter_<iteration>`` (collective)."""
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
     from minpro_megatron.parallel.cpu_compat import cuda_literals_to_cpu
 
-    from minpro_megatron.atomic_io import atomic_write_text, fsync_dir, fsync_tree
-
     # Write-then-rename: into iter_N.tmp; an existing iter_N is replaced only once the new one is complete.
-    path = checkpoint_path(root, iteration)
-    tmp = Path(root) / (path.name + ".tmp")
-    if _rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    tmp = tracker.prepare_staging(root, iteration) if _rank() == 0 else tracker.staging_path(root, iteration)
     _barrier()
     state: dict[str, Any] = model_sharded_state_dict(list(model_chunks))
     state["step"] = iteration
-    state["layout"] = {
-        "world": dist.get_world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
-        "pp": ps.get_pipeline_model_parallel_world_size(), "cp": ps.get_context_parallel_world_size(),
-        "ep": ps.get_expert_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
-    }
+    state["layout"] = layout_signature()
     state["extra"] = {"model_config": to_dict(model), "hf_config": hf_config}
     with cuda_literals_to_cpu():
         dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank() == 0:
-        fsync_tree(tmp)
-        old = Path(root) / (path.name + ".old")
-        if path.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(root)
-        atomic_write_text(Path(root) / TRACKER, str(iteration))
-        if old.exists():
-            shutil.rmtree(old)
+        tracker.commit_checkpoint(root, iteration)
     _barrier()
-    return path
+    return checkpoint_path(root, iteration)
 
 
 def _resolve(root: str | Path, iteration: int | None) -> Path:
     root = Path(root)
     if (root / "common.pt").is_file() or (root / "metadata.json").is_file():
         return root  # an iter_XXXXXXX directory itself
-    iteration = latest_iteration(root) if iteration is None else iteration
+    iteration = tracker.latest_iteration(root) if iteration is None else iteration
     if iteration is None:
-        raise CheckpointError(f"no checkpoint under {root}: {TRACKER} is missing (pass the iter_XXXXXXX directory)")
+        raise CheckpointError(f"no checkpoint under {root}: {tracker.TRACKER} is missing (pass the iter_XXXXXXX directory)")
     path = checkpoint_path(root, iteration)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -131,7 +106,7 @@ def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], root: str | P
     from minpro_megatron.parallel.cpu_compat import cuda_literals_to_cpu
 
     path = _resolve(root, iteration)
-    chunks = [unwrap(m) for m in model_chunks]
+    chunks = list(model_chunks)
     with cuda_literals_to_cpu():
         try:
             state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
@@ -140,7 +115,5 @@ def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], root: str | P
         except BaseException as exc:  # noqa: BLE001  torch DCP's CheckpointException is a BaseException
             # dist_checkpointing's message names the key and both shapes
             raise CheckpointError(f"loading the model from {path} failed: {exc}") from exc
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, key in zip(chunks, keys):
-        chunk.load_state_dict(state[key], strict=True)
+    load_model_state(chunks, state)
     return path

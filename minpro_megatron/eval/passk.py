@@ -40,7 +40,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int | None, Path]:
     """(checkpoint root, iteration or None for the latest, run folder) for a run folder, a checkpoint
     root or an ``iter_XXXXXXX`` folder; a UserError that says where it looked otherwise."""
     from minpro_megatron.config.base import UserError
-    from minpro_megatron.preflight import has_checkpoint
+    from minpro_megatron.checkpoint_tracker import has_checkpoint, tracker_path
 
     path = Path(path)
     if not path.is_dir():
@@ -52,8 +52,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int | None, Path]:
     elif has_checkpoint(path / "checkpoints"):
         root, iteration = path / "checkpoints", None
     else:
-        raise UserError(f"--checkpoint {path} holds no checkpoint (looked for {path}/latest_checkpointed_iteration.txt "
-                        f"and {path}/checkpoints/latest_checkpointed_iteration.txt); pass a run folder or its checkpoints/")
+        raise UserError(f"--checkpoint {path} holds no checkpoint (looked for {tracker_path(path)} and "
+                        f"{tracker_path(path / 'checkpoints')}); pass a run folder or its checkpoints/")
     run_dir = root.parent if root.name == "checkpoints" or (root.parent / "config.yaml").is_file() else root
     return root, iteration, run_dir
 

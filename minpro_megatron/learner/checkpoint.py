@@ -1,5 +1,7 @@
 """Learner checkpoints with megatron dist_checkpointing (torch_dist): model + optimizer + LR scheduler +
-RNG + step, written Megatron-style as ``DIR/iter_0000042/`` plus ``DIR/latest_checkpointed_iteration.txt``.
+RNG + step, written Megatron-style as ``DIR/iter_0000042/`` plus the tracker file (the protocol, its
+names and the crash-safe commit live in checkpoint_tracker.py; ``latest_iteration``, ``checkpoint_path`` and
+``CheckpointError`` are re-exported from there).
 
 The model and the optimizer state are saved as sharded tensors in a layout-independent form (the
 distributed optimizer's ``fully_reshardable`` format), so a checkpoint written with one TP/PP/EP/CP/DP
@@ -24,7 +26,16 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 import torch.distributed as dist
 
-from minpro_megatron.config.base import UserError
+from minpro_megatron.checkpoint_tracker import (
+    TRACKER,
+    CheckpointError,
+    checkpoint_path,
+    commit_checkpoint,
+    latest_iteration,
+    prepare_staging,
+    staging_path,
+)
+from minpro_megatron.learner.model_provider import unwrap_model
 
 if TYPE_CHECKING:
     from minpro_megatron.learner.learner import Learner
@@ -35,15 +46,16 @@ __all__ = [
     "latest_iteration",
     "checkpoint_path",
     "model_sharded_state_dict",
+    "load_model_state",
     "CheckpointError",
     "load_rank_state",
     "read_common",
     "verify_complete",
+    "layout_signature",
 ]
 
 log = logging.getLogger(__name__)
 
-_TRACKER = "latest_checkpointed_iteration.txt"
 _MANIFEST = "minpro_complete.json"  # written last into iter_N.tmp: which per-rank files the save produced
 _ITER_DIR = re.compile(r"iter_\d{7}")
 # Layout-independent optimizer tensors: the canonical per-parameter form, named by parameter, without
@@ -51,27 +63,8 @@ _ITER_DIR = re.compile(r"iter_\d{7}")
 _OPTIM_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
-class CheckpointError(RuntimeError, UserError):
-    """A checkpoint is missing, incomplete or does not fit the model; the message names what and where."""
-
-
-def checkpoint_path(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def latest_iteration(root: str | Path) -> int | None:
-    """The newest complete checkpoint under ``root`` (None when there is none)."""
-    tracker = Path(root) / _TRACKER
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{tracker} should hold an iteration number, found {text!r}") from None
-
-
-def _layout_signature() -> dict[str, int]:
+def layout_signature() -> dict[str, int]:
+    """This rank's parallel layout as saved in a checkpoint's common state (``layout``)."""
     from megatron.core import parallel_state as ps
 
     return {
@@ -84,12 +77,21 @@ def _layout_signature() -> dict[str, int]:
     }
 
 
+def _model_keys(n_chunks: int) -> list[str]:
+    return ["model"] if n_chunks == 1 else [f"model{i}" for i in range(n_chunks)]
+
+
 def model_sharded_state_dict(model_chunks: list) -> dict[str, Any]:
     """{"model": ...} for one chunk, {"model0": ..., "model1": ...} with virtual pipelining."""
-    chunks = [m.module if hasattr(m, "module") else m for m in model_chunks]
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    chunks = [unwrap_model(m) for m in model_chunks]
+    return {key: c.sharded_state_dict() for key, c in zip(_model_keys(len(chunks)), chunks)}
+
+
+def load_model_state(model_chunks: list, state: dict[str, Any]) -> None:
+    """Load the model part of a loaded checkpoint (``model_sharded_state_dict``'s keys) into the chunks, strictly."""
+    chunks = [unwrap_model(m) for m in model_chunks]
+    for chunk, key in zip(chunks, _model_keys(len(chunks))):
+        chunk.load_state_dict(state[key], strict=True)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -112,7 +114,7 @@ def _full_state(learner: "Learner", is_loading: bool, with_rng: bool, extra: dic
     state["optimizer"] = learner.optimizer.sharded_state_dict(state_model_view(state), is_loading=is_loading, metadata=_OPTIM_FORMAT)
     state["scheduler"] = learner.scheduler.state_dict()
     state["step"] = learner.step
-    state["layout"] = _layout_signature()
+    state["layout"] = layout_signature()
     state["num_optimizers"] = _num_optimizers(learner.optimizer)
     state["extra"] = extra or {}
     if with_rng:
@@ -143,22 +145,17 @@ def save_checkpoint(
     checkpoint tracked."""
     from megatron.core import dist_checkpointing
 
-    from minpro_megatron.atomic_io import atomic_write_text, fsync_dir, fsync_tree
     from minpro_megatron.parallel.json_collectives import broadcast_json
 
     iteration = learner.step if iteration is None else iteration
     root = Path(root)
     path = checkpoint_path(root, iteration)
-    tmp = root / (path.name + ".tmp")
     # rank 0 decides for everyone (ranks on other nodes may see a stale view of a shared filesystem)
     tracked = broadcast_json(_tracked_or_none(root) if dist.get_rank() == 0 else None, src=0)
     if tracked == iteration:
         log.info("checkpoint %s is already the tracked one: not saved again", path)
         return path
-    if dist.get_rank() == 0:
-        if tmp.exists():  # a save killed earlier
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    tmp = prepare_staging(root, iteration) if dist.get_rank() == 0 else staging_path(root, iteration)
     dist.barrier()
     _ensure_optimizer_state(learner.optimizer)  # a learner that has not stepped yet has no Adam state
     with _cpu_mode():
@@ -172,12 +169,7 @@ def save_checkpoint(
     if dist.get_rank() == 0:
         manifest = {"iteration": iteration, "world": dist.get_world_size(), "rank_states": rank_state is not None}
         (tmp / _MANIFEST).write_text(json.dumps(manifest))
-        fsync_tree(tmp)
-        if path.exists():  # an untracked leftover (killed between rename and tracker update)
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        fsync_dir(root)
-        atomic_write_text(root / _TRACKER, str(iteration))  # the commit point
+        commit_checkpoint(root, iteration)  # an existing iter_N here is an untracked leftover: replaced
         if keep_last:
             _prune(root, keep_last, tracked=iteration)
     dist.barrier()
@@ -211,7 +203,7 @@ def verify_complete(path: str | Path, common: dict | None = None) -> None:
         if missing:
             raise CheckpointError(
                 f"checkpoint {path} is incomplete: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
-                f"missing (it was saved by {world} ranks); restore the file(s) or point {_TRACKER} at an "
+                f"missing (it was saved by {world} ranks); restore the file(s) or point {TRACKER} at an "
                 "earlier complete iteration"
             )
 
@@ -222,7 +214,7 @@ def read_common(root: str | Path, iteration: int | None = None) -> tuple[Path, d
 
     iteration = latest_iteration(root) if iteration is None else iteration
     if iteration is None:
-        raise CheckpointError(f"no checkpoint under {root}: {_TRACKER} is missing")
+        raise CheckpointError(f"no checkpoint under {root}: {TRACKER} is missing")
     path = checkpoint_path(root, iteration)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist (tracker says iteration {iteration})")
@@ -242,10 +234,10 @@ def load_checkpoint(
 
     path, common = read_common(root, iteration)
     verify_complete(path, common)
-    same_layout = common.get("layout") == _layout_signature()
+    same_layout = common.get("layout") == layout_signature()
     if not same_layout:
         log.warning("checkpoint %s was saved with layout %s; this run is %s: RNG states are not restored",
-                    path, common.get("layout"), _layout_signature())
+                    path, common.get("layout"), layout_signature())
     restore_moments = load_optimizer and common.get("num_optimizers") == _num_optimizers(learner.optimizer)
     if load_optimizer and not restore_moments:
         log.warning("checkpoint %s chains %s optimizer(s), this layout %d: loading the model, LR schedule and "
@@ -262,10 +254,7 @@ def load_checkpoint(
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             raise CheckpointError(f"loading {path} failed: {exc}") from exc
-    chunks = [m.module if hasattr(m, "module") else m for m in learner.model]
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, key in zip(chunks, keys):
-        chunk.load_state_dict(state[key], strict=True)
+    load_model_state(learner.model, state)
     if restore_moments:
         with _cpu_mode(), _torch_adam_param_state_load(learner.optimizer):
             learner.optimizer.load_state_dict(state["optimizer"])
@@ -290,7 +279,7 @@ def load_rank_state(root: str | Path, iteration: int | None = None) -> dict | No
     common = dist_checkpointing.load_common_state_dict(str(path))
     verify_complete(path, common)
     f = path / _rank_file(dist.get_rank())
-    if common.get("layout") != _layout_signature() or not f.is_file():
+    if common.get("layout") != layout_signature() or not f.is_file():
         return None
     return torch.load(f, weights_only=True)
 

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 from minpro_megatron.config import ParallelConfig
-from minpro_megatron.config.base import ConfigError
+from minpro_megatron.config.layout_rules import check_world
 
-__all__ = ["DistributedContext", "init_distributed", "destroy_distributed", "distributed_context"]
+__all__ = ["DistributedContext", "init_distributed", "destroy_distributed", "distributed_context", "megatron_parallel_sizes"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def init_distributed(
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     world_size = dist.get_world_size() if not owns else int(os.environ.get("WORLD_SIZE", "1"))
-    dp = _check_world(parallel, world_size)  # before any process group exists: nothing to clean up
+    dp = check_world(parallel, world_size)  # before any process group exists: nothing to clean up
     if owns:
         rank = int(os.environ.get("RANK", "0"))
         init_method = None
@@ -91,12 +91,7 @@ def init_distributed(
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor,
-        pipeline_model_parallel_size=parallel.pipeline,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
-        context_parallel_size=parallel.context,
-        expert_model_parallel_size=parallel.expert,
-        expert_tensor_parallel_size=parallel.expert_tensor,
+        **megatron_parallel_sizes(parallel),
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=create_gloo_process_groups,
     )
@@ -105,15 +100,16 @@ def init_distributed(
     return DistributedContext(rank, world_size, local_rank, backend, dp, device, owns)
 
 
-def _check_world(parallel: ParallelConfig, world_size: int) -> int:
-    dp = parallel.data_parallel_size(world_size)  # raises ConfigError naming the fields
-    ep_block = parallel.expert * (parallel.expert_tensor or parallel.tensor) * parallel.pipeline
-    if world_size % ep_block:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.expert * parallel.expert_tensor * "
-            f"parallel.pipeline = {ep_block}; change the expert layout"
-        )
-    return dp
+def megatron_parallel_sizes(parallel: ParallelConfig) -> dict[str, int | None]:
+    """``parallel`` in the keyword names that megatron's initialize_model_parallel and TransformerConfig share."""
+    return dict(
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        context_parallel_size=parallel.context,
+        expert_model_parallel_size=parallel.expert,
+        expert_tensor_parallel_size=parallel.expert_tensor,
+    )
 
 
 def seed_everything(seed: int) -> None:

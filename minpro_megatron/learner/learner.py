@@ -8,8 +8,6 @@ returned loss by the number of micro-batches (schedules.forward_step_calc_loss, 
 ``calculate_per_token_loss``) and DDP averages gradients over the DP x CP group. The loss function
 therefore returns ``share * dp_cp_size * num_microbatches``, so the accumulated gradient is exactly the
 sum of shares over micro-batches and ranks: the gradient of the global token-mean (or seq-mean) loss.
-
-Length: one class, because train, SFT, scoring and sampling logits share the packed forward and the loss-scaling rules above; the helpers are small.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import torch.distributed as dist
 from minpro_megatron.config import RunConfig
 from minpro_megatron.learner.batch import MicroBatch, TrainSample, global_batch_totals, pack_micro_batch, split_micro_batches
 from minpro_megatron.learner.logprobs import capture_output_layer_input, logprobs_from_hidden, prepare_packed_inputs
-from minpro_megatron.learner.model_provider import build_model_chunks, transformer_config_from
+from minpro_megatron.learner.model_provider import build_model_chunks, transformer_config_from, unwrap_model
 from minpro_megatron.losses import BatchTotals, policy_loss
 from minpro_megatron.parallel.cp_layout import ZigzagLayout
 from minpro_megatron.parallel.json_collectives import broadcast_json
@@ -180,7 +178,7 @@ class Learner:
                 attention_mask=None,
                 packed_seq_params=mb.inputs.packed_seq_params,
             )
-            post = getattr(_unwrap(model), "post_process", True)
+            post = getattr(unwrap_model(model), "post_process", True)
             if not post:
                 return model(**call), None
             with capture_output_layer_input(model) as cap:
@@ -384,12 +382,6 @@ class _Forward:
     """A forward-only micro-batch: just the packed inputs."""
 
     inputs: Any
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _entropy_metrics(ent: torch.Tensor | None, mb: MicroBatch) -> dict[str, float]:

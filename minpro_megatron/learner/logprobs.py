@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from minpro_megatron.learner.model_provider import unwrap_model
 from minpro_megatron.parallel.cp_attention import all_gather_sequence
 from minpro_megatron.parallel.cp_layout import ZigzagLayout
 
@@ -310,13 +311,6 @@ def prepare_packed_inputs(
 
 
 # ---- GPTModel: final hidden states without computing logits ---------------------------------------------
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """DDP / Float16Module -> the GPTModel inside."""
-    while not hasattr(model, "output_layer") and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 @dataclass
 class _Captured:
     hidden: Tensor | None = None
@@ -329,7 +323,7 @@ def capture_output_layer_input(model: torch.nn.Module) -> Iterator[_Captured]:
     weight it was given: the embedding for tied embeddings). Works on megatron-core 0.16 - 0.20, whose
     GPTModel._postprocess calls ``self.output_layer(hidden_states, weight=..., runtime_gather_output=...)``;
     an instance-level ``forward`` shadows the class method, so the layer keeps all its attributes."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     layer = getattr(inner, "output_layer", None)
     if layer is None:
         raise ValueError("capture_output_layer_input: model has no output_layer (not the last pipeline stage?)")
@@ -373,7 +367,7 @@ def stage_forward(model: torch.nn.Module, inputs: PackedInputs) -> tuple[Tensor,
     Last stage: the hidden states before the output layer and its weight (feed both to
     ``logprobs_from_hidden`` in the loss function); other stages: the stage output and None.
     """
-    if getattr(_unwrap(model), "post_process", True):
+    if getattr(unwrap_model(model), "post_process", True):
         return forward_hidden(model, inputs)
     out = model(input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=None,
                 packed_seq_params=inputs.packed_seq_params)
@@ -381,7 +375,7 @@ def stage_forward(model: torch.nn.Module, inputs: PackedInputs) -> tuple[Tensor,
 
 
 def _tp_group(model: torch.nn.Module) -> dist.ProcessGroup | None:
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     pg = getattr(inner, "pg_collection", None)
     if pg is not None and getattr(pg, "tp", None) is not None:
         return pg.tp
@@ -408,7 +402,7 @@ def logprobs_from_hidden(
         inputs.labels,
         temperature=temperature,
         tp_group=_tp_group(model),
-        sequence_parallel=bool(_unwrap(model).config.sequence_parallel),
+        sequence_parallel=bool(unwrap_model(model).config.sequence_parallel),
         chunk_size=chunk_size,
         with_entropy=with_entropy,
         valid_vocab=valid_vocab,

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from minpro_megatron.config import ModelConfig, ParallelConfig
 from minpro_megatron.config.base import ConfigError
+from minpro_megatron.config.layout_rules import check_layout
+from minpro_megatron.learner.distributed import megatron_parallel_sizes
 
 __all__ = [
     "build_gpt_model",
@@ -27,6 +29,7 @@ __all__ = [
     "layer_spec_for",
     "te_usable",
     "transformer_config_from",
+    "unwrap_model",
     "validate_model_layout",
 ]
 
@@ -49,36 +52,10 @@ def te_usable(model: ModelConfig | None = None) -> bool:
 
 
 def validate_model_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
-    """The divisibility rules the model build needs; errors name the field and the fix."""
+    """The model's own rules and the layout rules of config/layout_rules.py (the ones RunConfig.validate
+    checks too), for a ModelConfig that may come from an HF checkpoint; errors name the field and the fix."""
     model.validate()
-    tp, pp, ep = parallel.tensor, parallel.pipeline, parallel.expert
-    vpp = parallel.virtual_pipeline or 1
-    for name in ("num_attention_heads", "num_query_groups"):
-        if getattr(model, name) % tp:
-            raise ConfigError(
-                f"model.{name}={getattr(model, name)} is not divisible by parallel.tensor={tp}; "
-                f"change parallel.tensor"
-            )
-    if model.padded_vocab_size % tp:
-        raise ConfigError(
-            f"model.vocab_size={model.vocab_size} is not divisible by parallel.tensor={tp} (embedding rows: "
-            f"{model.padded_vocab_size} with model.make_vocab_size_divisible_by={model.make_vocab_size_divisible_by}); "
-            f"set model.make_vocab_size_divisible_by to a multiple of {tp} (zero rows, stripped on HF export)"
-        )
-    if model.num_layers % (pp * vpp):
-        raise ConfigError(
-            f"model.num_layers={model.num_layers} is not divisible by parallel.pipeline * "
-            f"parallel.virtual_pipeline = {pp}*{vpp}; change the pipeline layout"
-        )
-    if ep > 1 and not model.is_moe:
-        raise ConfigError("parallel.expert > 1 needs an MoE model: set model.num_experts or parallel.expert=1")
-    if model.is_moe and model.num_experts % ep:
-        raise ConfigError(f"model.num_experts={model.num_experts} is not divisible by parallel.expert={ep}")
-    if model.head_dim is None and model.hidden_size % model.num_attention_heads:
-        raise ConfigError(
-            f"model.hidden_size={model.hidden_size} is not divisible by model.num_attention_heads="
-            f"{model.num_attention_heads}; set model.head_dim explicitly"
-        )
+    check_layout(model, parallel)
 
 
 def transformer_config_from(
@@ -98,15 +75,6 @@ def transformer_config_from(
 
     validate_model_layout(model, parallel)
     dtype = _DTYPES[model.params_dtype]
-    tp = parallel.tensor
-    sequence_parallel = parallel.sequence_parallel if parallel.sequence_parallel is not None else tp > 1
-    if model.is_moe and tp > 1 and not sequence_parallel:
-        raise ConfigError("MoE with parallel.tensor > 1 needs parallel.sequence_parallel=true (megatron-core rule)")
-    if model.is_moe and parallel.pipeline > 1 and model.moe_token_dispatcher_type == "allgather":
-        raise ConfigError(
-            "model.moe_token_dispatcher_type=allgather does not support variable sequence lengths, which "
-            "pipeline parallelism needs for packed micro-batches; use alltoall"
-        )
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
@@ -140,13 +108,8 @@ def transformer_config_from(
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=parallel.pipeline,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
-        context_parallel_size=parallel.context,
-        expert_model_parallel_size=parallel.expert,
-        expert_tensor_parallel_size=parallel.expert_tensor,
-        sequence_parallel=sequence_parallel,
+        **megatron_parallel_sizes(parallel),
+        sequence_parallel=parallel.sequence_parallel_on,
         # read by megatron's config checks even for dense models (allgather rejects variable lengths)
         moe_token_dispatcher_type=model.moe_token_dispatcher_type if model.is_moe else "alltoall",
     )
@@ -249,6 +212,14 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, **kwargs: A
         return [build_gpt_model(model, parallel, **kwargs)]
     config = kwargs.pop("config", None) or transformer_config_from(model, parallel)
     return [build_gpt_model(model, parallel, config=config, vp_stage=i, **kwargs) for i in range(parallel.virtual_pipeline)]
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel that ``build_gpt_model`` built, under the learner's DDP / Float16Module wrappers (the
+    GPTModel itself has no ``module`` attribute)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def _mark_expert_params(gpt: torch.nn.Module, config: Any) -> None:

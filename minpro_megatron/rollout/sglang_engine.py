@@ -72,6 +72,9 @@ class SGLangEngine:
         self.out_dir = Path(out_dir) / "rollout"
         self.exporter = HFExporter(learner.model, cfg.model)
         self.bucket_bytes = cfg.rollout.bucket_mb * 2**20
+        from minpro_megatron.weights.quantize import RolloutQuantizer
+
+        self.quantizer = RolloutQuantizer.from_config(cfg.rollout)  # None: full-precision rollouts
         self.probe_prompt = [t for t in ([tokenizer.bos_token_id] + tokenizer.encode("12+34=", add_special_tokens=False)) if t is not None]
         self.fleet = self.client = self.sync = None
         attach = bool(cfg.rollout.server_urls)
@@ -114,7 +117,7 @@ class SGLangEngine:
         from minpro_megatron.convert.hf_io import write_safetensors_shards
 
         self.hf_dir = self.out_dir / f"policy_step{self.version}"
-        buckets = iter(self.exporter.buckets(self.bucket_bytes))
+        buckets = iter(self.exporter.buckets(self.bucket_bytes, transform=self.quantizer))
         final = self.hf_dir
 
         def write() -> None:
@@ -124,6 +127,9 @@ class SGLangEngine:
             tmp.mkdir(parents=True)
             write_safetensors_shards(buckets, tmp)
             hf_cfg = hf_config_from_model(self.cfg.model, dtype=self.cfg.rollout.server_dtype)
+            if self.quantizer is not None and not self.quantizer.dequantize:  # the servers load the quantized format
+                shapes = {n: s for p in self.exporter.plan for n, s in zip(p.map.hf, p.map.hf_shapes)}
+                hf_cfg["quantization_config"] = self.quantizer.hf_quantization_config(shapes)
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
             tokenizer.save_pretrained(tmp)
             fsync_tree(tmp)
@@ -204,7 +210,7 @@ class SGLangEngine:
                 f"the learner's parameters are not finite before the weight sync to step {version}: not publishing them "
                 "(see optim/skipped_updates and train.max_nonfinite_skips)"
             )
-        buckets = iter(self.exporter.buckets(self.bucket_bytes))
+        buckets = iter(self.exporter.buckets(self.bucket_bytes, transform=self.quantizer))
         pushed = SyncStats(version=version)  # rank 0's push; the other ranks only gather
 
         def push() -> SyncStats:
@@ -228,42 +234,32 @@ class SGLangEngine:
         return dataclasses.replace(pushed, verify_max_abs_logprob_diff=worst, verify_probed_servers=self.last_probed_servers)
 
     def _verify(self) -> float:
-        """Max |logp| difference between every server's greedy probe and the learner (collective)."""
+        """Max |logp| difference between every server's greedy probe and the learner (collective): the
+        LogprobProbe of weights/verify.py with the learner as its reference, which every rank computes."""
+        from dataclasses import asdict
+
         from minpro_megatron.learner.batch import TrainSample
-        from minpro_megatron.weights.verify import server_probe_logprobs
-
-        seqs: list[list[int]] = []
-        server_lps: list[list[float]] = []
-
-        def probe() -> None:
-            assert self.fleet is not None
-            for url in self.fleet.admitted_urls():
-                tokens, lps = server_probe_logprobs(url, self.probe_prompt, max_new_tokens=8, api_key=self.fleet.api_key)
-                seqs.append(tokens)
-                server_lps.append(lps)
-
-        rank0_phase(f"probing the servers after the weight sync to step {self.version}", probe)
+        from minpro_megatron.parallel.json_collectives import broadcast_json
         from minpro_megatron.rollout.transfer import decode_prompts, encode_prompts
+        from minpro_megatron.weights.verify import LogprobProbe, ProbeResult
 
-        (t,) = broadcast_tensors(encode_prompts(seqs) if self.rank == 0 else None)
-        seqs = decode_prompts(t)
-        samples = [TrainSample(torch.tensor(s), 1, torch.zeros(len(s) - 1), 0.0) for s in seqs]
+        probe = LogprobProbe(self.probe_prompt, max_new_tokens=8, threshold=self.cfg.rollout.verify_threshold)
+
+        def sample() -> dict[str, tuple[list[int], list[float]]]:
+            assert self.fleet is not None
+            return probe.sample(self.fleet.admitted_urls(), api_key=self.fleet.api_key)
+
+        probes = rank0_phase(f"probing the servers after the weight sync to step {self.version}", sample) or {}
+        (t,) = broadcast_tensors(encode_prompts([tokens for tokens, _ in probes.values()]) if self.rank == 0 else None)
+        samples = [TrainSample(torch.tensor(s), 1, torch.zeros(len(s) - 1), 0.0) for s in decode_prompts(t)]
         # every DP replica scores the same probes (score is collective within a replica only)
         ref = self.learner.score(samples, temperature=1.0) if samples else []
-        worst = torch.zeros(1, dtype=torch.float64)
-        if self.rank == 0:
-            for got, want in zip(server_lps, ref):
-                worst[0] = max(float(worst[0]), float((torch.tensor(got) - want.double()).abs().max()))
-        if dist.get_world_size() > 1:
-            dist.broadcast(worst, src=0)
-        threshold = self.cfg.rollout.verify_threshold
-        self.last_probed_servers = len(seqs)
-        if threshold is not None and float(worst[0]) > threshold:  # every rank raises: no one waits forever
-            raise RuntimeError(
-                f"after weight sync to step {self.version}, a server's probe log-probs differ from the learner's by "
-                f"{float(worst[0]):.3g} > rollout.verify_threshold={threshold}: a bucket was corrupted or mis-named"
-            )
-        return float(worst[0])
+        mine = rank0_phase("comparing the probes with the learner's log-probs",
+                           lambda: asdict(probe.compare(probes, {url: r.tolist() for url, r in zip(probes, ref)})))
+        result = ProbeResult(**broadcast_json(mine, src=0))
+        self.last_probed_servers = len(result.per_server)
+        LogprobProbe.check(result, self.version)  # every rank raises: no one waits forever
+        return result.max_abs_diff
 
     # ---- state -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:

@@ -114,6 +114,9 @@ class RouterProcess:
             raise ValueError(f"router host={host!r}: the router binds 127.0.0.1 (its default 0.0.0.0 is refused)")
         self.host = host
         self.port = port or free_port(host)
+        # sglang-router serves Prometheus metrics on 0.0.0.0:29000 unless told otherwise: every interface, and
+        # a port two routers on one host collide on. Ours binds the router's host on a free port.
+        self.metrics_port = free_port(host)
         self.policy = policy
         self.initial_workers = list(worker_urls or [])
         self.extra_args = list(extra_args or [])
@@ -131,6 +134,7 @@ class RouterProcess:
         cmd = [
             sys.executable, "-m", "sglang_router.launch_router",
             "--host", self.host, "--port", str(self.port), "--policy", self.policy,
+            "--prometheus-host", self.host, "--prometheus-port", str(self.metrics_port),
             "--log-level", "warn",
         ]  # fmt: skip
         if self.initial_workers:

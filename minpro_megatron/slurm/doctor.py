@@ -31,11 +31,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from minpro_megatron.checkpoint_tracker import checkpoint_path, latest_iteration, write_tracker
 from minpro_megatron.train.stop import StopRequest
 
 __all__ = ["main", "all_gather_json", "check_collectives", "measure_bandwidth"]
-
-LATEST = "latest_checkpointed_iteration.txt"  # Megatron's name for the pointer to the newest checkpoint
 
 
 def _device(backend: str) -> torch.device:
@@ -163,9 +162,7 @@ def soak(device: torch.device, stop: StopRequest, steps: int, step_seconds: floa
          load: str | None, progress: Path | None) -> dict[str, Any]:
     """The trainer's step loop in miniature: collective work per step, the stop protocol, save/resume."""
     rank = dist.get_rank()
-    start = 0
-    if load and (Path(load) / LATEST).exists():
-        start = int((Path(load) / LATEST).read_text())
+    start = (latest_iteration(load) or 0) if load else 0
     step = start
     while step < steps:
         x = torch.ones(1024, device=device)
@@ -179,12 +176,12 @@ def soak(device: torch.device, stop: StopRequest, steps: int, step_seconds: floa
     result = {"resumed_from": start if load else None, "steps_done": step, "target_steps": steps,
               "stop_reason": stop.reason}
     if stop.reason and ckpt_dir:  # "save": every rank writes its shard, then rank 0 moves the pointer
-        it_dir = Path(ckpt_dir) / f"iter_{step:07d}"
+        it_dir = checkpoint_path(ckpt_dir, step)
         it_dir.mkdir(parents=True, exist_ok=True)
         (it_dir / f"rank{rank:05d}.json").write_text(json.dumps({"step": step, "reason": stop.reason}))
         dist.barrier()
         if rank == 0:
-            (Path(ckpt_dir) / LATEST).write_text(f"{step}\n")
+            write_tracker(ckpt_dir, step)
         result["saved"] = str(it_dir)
     return result
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from minpro_megatron.checkpoint_tracker import TRACKER
 from minpro_megatron.config import RunConfig, to_dict
 from minpro_megatron.train.tokens import BUILTIN_TOKENIZER
 
@@ -40,7 +41,7 @@ def model_metadata(cfg: RunConfig) -> dict:
     m = cfg.model
     hf_config = None
     if m.hf_path:
-        from minpro_megatron.convert.hf_config import load_hf_config
+        from minpro_megatron.config.hf_model import load_hf_config
 
         hf_config = load_hf_config(m.hf_path)
     return {"model_config": to_dict(m), "hf_config": hf_config, "tokenizer": m.tokenizer_path or m.hf_path or BUILTIN_TOKENIZER}
@@ -66,7 +67,7 @@ def resume(learner: Any, cfg: RunConfig, ckpt_dir: Path, rank: int) -> Resumed:
         return _start_from_model_checkpoint(learner, cfg, root, ckpt_dir, rank)
     if latest_iteration(root) is None:
         if cfg.checkpoint.load:
-            raise FileNotFoundError(f"checkpoint.load={str(root)!r} holds no checkpoint (no latest_checkpointed_iteration.txt)")
+            raise FileNotFoundError(f"checkpoint.load={str(root)!r} holds no checkpoint (no {TRACKER})")
         return Resumed("new")
     from minpro_megatron.config.resume import check_resume_config
 

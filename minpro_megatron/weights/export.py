@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,10 @@ from minpro_megatron.convert.mapping import Geometry, ParamMap, param_maps, to_h
 from minpro_megatron.convert.buckets import Bucket, iter_buckets
 
 __all__ = ["ExportError", "HFExporter", "export_hf_buckets"]
+
+
+# one Megatron tensor's HF tensors -> the tensors to push instead (weights/quantize.py RolloutQuantizer)
+Transform = Callable[[list[tuple[str, torch.Tensor]]], list[tuple[str, torch.Tensor]]]
 
 
 class ExportError(RuntimeError):
@@ -95,9 +99,11 @@ class HFExporter:
     def hf_names(self) -> list[str]:
         return [n for p in self.plan for n in p.map.hf]
 
-    def buckets(self, bucket_bytes: int, dtype: torch.dtype | None = None) -> Iterator[Bucket]:
+    def buckets(self, bucket_bytes: int, dtype: torch.dtype | None = None, transform: Transform | None = None) -> Iterator[Bucket]:
         """HF-named full tensors in buckets of at most ``bucket_bytes`` (a larger tensor travels alone);
-        ``dtype`` casts them (default: the parameters' dtype). Yields on ``dst`` only."""
+        ``dtype`` casts them (default: the parameters' dtype). ``transform`` rewrites the HF tensors of
+        one Megatron tensor at a time (q/k/v or gate/up together), e.g. into a quantized rollout format
+        (weights/quantize.py). Yields on ``dst`` only."""
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes={bucket_bytes} must be >= 1 (rollout.bucket_mb)")
         group: list[_Planned] = []
@@ -106,14 +112,15 @@ class HFExporter:
             itemsize = _dtype(planned.pieces[0][1].dtype).itemsize
             n = planned.map.hf_numel * (dtype.itemsize if dtype else itemsize)
             if group and size + n > bucket_bytes:
-                yield from self._transfer(group, bucket_bytes, dtype)
+                yield from self._transfer(group, bucket_bytes, dtype, transform)
                 group, size = [], 0
             group.append(planned)
             size += n
         if group:
-            yield from self._transfer(group, bucket_bytes, dtype)
+            yield from self._transfer(group, bucket_bytes, dtype, transform)
 
-    def _transfer(self, group: list[_Planned], bucket_bytes: int, dtype: torch.dtype | None) -> Iterator[Bucket]:
+    def _transfer(self, group: list[_Planned], bucket_bytes: int, dtype: torch.dtype | None,
+                  transform: Transform | None = None) -> Iterator[Bucket]:
         ops: list = []
         received: dict[tuple[str, int], torch.Tensor] = {}
         tag = 0
@@ -140,8 +147,8 @@ class HFExporter:
                 for src, p in planned.pieces
             ]
             full = merge_shards(shards, planned.shard_dim, planned.map.kind == "glu")
-            for name, t in to_hf(planned.map, full, self.geo):
-                named.append((name, t if dtype is None or t.dtype == dtype else t.to(dtype)))
+            hf = [(name, t if dtype is None or t.dtype == dtype else t.to(dtype)) for name, t in to_hf(planned.map, full, self.geo)]
+            named.extend(transform(hf) if transform is not None else hf)  # after the cast: scales keep their dtype
             del shards, full
         received.clear()
         yield from iter_buckets(named, bucket_bytes)

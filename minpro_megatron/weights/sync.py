@@ -51,7 +51,7 @@ class SyncResult:
     def bytes_per_s(self) -> float:
         return self.bytes / self.transfer_seconds if self.transfer_seconds > 0 else float("inf")
 
-    def metrics(self, prefix: str = "weight_sync/") -> dict[str, float]:
+    def metrics(self, prefix: str = "sync/") -> dict[str, float]:  # the trainer's prefix (train/trainer.py)
         out = {
             f"{prefix}seconds": self.seconds,
             f"{prefix}transfer_seconds": self.transfer_seconds,
@@ -153,7 +153,7 @@ class WeightSync:
         )  # fmt: skip
         if result.probe is not None:
             try:
-                LogprobProbe.check(result.probe)
+                LogprobProbe.check(result.probe, step)
             except WeightVerificationError as exc:  # the servers DO serve these weights now: say so
                 exc.sync_result = result
                 raise

@@ -7,13 +7,17 @@ the same token sequence, so a near-tie that changes the greedy token cannot prod
     probe = LogprobProbe(prompt_ids=[5, 6, 14, 7, 8, 17], max_new_tokens=8, threshold=1e-3)
     result = probe.run(server_urls, hf_logprob_reference(model))   # raises WeightVerificationError
     result.max_abs_diff                                              # the metric to log
+
+The one implementation of the check: WeightSync (weights/sync.py) runs it with any reference, and the
+trainer's SGLang engine (rollout/sglang_engine.py) in its three steps (``sample`` on rank 0, the learner
+scores the tokens on every rank, ``compare`` + ``check``), because the learner's reference is collective.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import requests
 import torch
@@ -90,29 +94,43 @@ class LogprobProbe:
         self, server_urls: Sequence[str], reference: LogprobReference, raise_on_fail: bool = True, api_key: str | None = None
     ) -> ProbeResult:
         """Probe every server; with raise_on_fail, WeightVerificationError when the threshold is exceeded."""
-        result = ProbeResult(max_abs_diff=0.0, threshold=self.threshold)
-        for url in server_urls:
-            tokens, got = server_probe_logprobs(url, self.prompt_ids, self.max_new_tokens, api_key=api_key)
-            want = list(reference(tokens))
-            if len(want) != len(got):
-                raise ValueError(f"reference returned {len(want)} log-probs for {len(tokens)} tokens; expected {len(got)}")
-            diff = max((abs(a - b) for a, b in zip(got, want)), default=0.0)
-            if any(math.isnan(x) for x in want):
-                diff = math.inf
-            result.per_server[url] = diff
-            result.positions += len(got)
-            result.max_abs_diff = max(result.max_abs_diff, diff)
+        probes = self.sample(server_urls, api_key=api_key)
+        result = self.compare(probes, {url: reference(tokens) for url, (tokens, _) in probes.items()})
         if raise_on_fail:
             self.check(result)
         return result
 
+    def sample(self, server_urls: Sequence[str], api_key: str | None = None) -> dict[str, tuple[list[int], list[float]]]:
+        """Each server's greedy probe: url -> (all tokens, the server's log-probs of tokens[1:])."""
+        return {url: server_probe_logprobs(url, self.prompt_ids, self.max_new_tokens, api_key=api_key) for url in server_urls}
+
+    def compare(
+        self, probes: Mapping[str, tuple[Sequence[int], Sequence[float]]], references: Mapping[str, Sequence[float]]
+    ) -> ProbeResult:
+        """Max |server - reference| log-prob per server (``references``: url -> the reference's log-probs of
+        that server's tokens[1:]); a NaN on either side counts as an infinite difference."""
+        result = ProbeResult(max_abs_diff=0.0, threshold=self.threshold)
+        for url, (tokens, got) in probes.items():
+            want = [float(x) for x in references[url]]
+            if len(want) != len(got):
+                raise ValueError(f"reference returned {len(want)} log-probs for {len(tokens)} tokens; expected {len(got)}")
+            diff = max((abs(a - b) for a, b in zip(got, want)), default=0.0)
+            if any(math.isnan(x) for x in (*want, *got)):
+                diff = math.inf
+            result.per_server[url] = diff
+            result.positions += len(got)
+            result.max_abs_diff = max(result.max_abs_diff, diff)
+        return result
+
     @staticmethod
-    def check(result: ProbeResult) -> None:
+    def check(result: ProbeResult, step: int | None = None) -> None:
+        """WeightVerificationError, naming the worst server, when ``result`` exceeds its threshold."""
         if result.passed:
             return
         worst = max(result.per_server, key=result.per_server.__getitem__)
         raise WeightVerificationError(
-            f"after weight sync, server {worst} differs from the reference by max |d logp| = "
+            f"after the weight sync{'' if step is None else f' to step {step}'}, server {worst} differs from the "
+            f"reference by max |d logp| = "
             f"{result.max_abs_diff:.3g} > threshold {result.threshold} (per server: {result.per_server}). "
             "A bucket was corrupted or mis-named, or the exporter's layout is wrong; bf16 servers need a "
             "looser rollout.verify_threshold than fp32 ones.",

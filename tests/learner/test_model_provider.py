@@ -74,3 +74,15 @@ def test_local_spec_on_cpu_uses_the_zigzag_attention():
     spec = layer_spec_for(m, transformer_config_from(m, ParallelConfig()))
     assert spec.submodules.self_attention.submodules.core_attention is ZigzagCoreAttention
     assert "transformer_engine" not in __import__("sys").modules
+
+
+def test_unwrap_model_reaches_the_model_under_every_wrapper():
+    from minpro_megatron.learner.model_provider import unwrap_model
+
+    class Wrapper(torch.nn.Module):  # DDP and Float16Module keep the wrapped module as ``.module``
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    inner = torch.nn.Linear(2, 2)
+    assert unwrap_model(Wrapper(Wrapper(inner))) is inner and unwrap_model(inner) is inner

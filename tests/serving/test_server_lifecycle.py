@@ -71,3 +71,30 @@ def test_ready_timeout_stops_the_whole_process_tree(tmp_path, tiny_models):
         assert not server.alive() and group_members(pid) == []
     finally:
         server.stop()
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the process tree of ``pid`` listens on."""
+    out = set()
+    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        for c in p.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN:
+                out.add((c.laddr.ip, c.laddr.port))
+    return out
+
+
+def test_two_routers_run_side_by_side_listening_on_loopback_only(tmp_path):
+    """sglang-router's own default puts Prometheus on 0.0.0.0:29000: every interface, and a second router on
+    the host dies with "Address already in use". Ours listen on 127.0.0.1 only, on ports of their own."""
+    routers = [RouterProcess(tmp_path / f"r{i}.log") for i in range(2)]
+    try:
+        for r in routers:
+            r.start(timeout_s=60)
+        for r in routers:
+            assert r.proc is not None and r.proc.poll() is None, (tmp_path / "r1.log").read_text()[-2000:]
+            sockets = _listening(r.proc.pid)
+            assert (r.host, r.port) in sockets and (r.host, r.metrics_port) in sockets, sockets
+            assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
+    finally:
+        for r in routers:
+            r.stop()

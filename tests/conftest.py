@@ -1,10 +1,10 @@
-"""Shared fixtures for rollout tests: tiny random Qwen3-MoE checkpoints (fp32) built locally."""
+"""Fixtures shared by the rollout, serving and weights tests: tiny random Qwen3-MoE checkpoints (fp32) built locally."""
 
 from __future__ import annotations
 
 import pytest
 
-from minpro_megatron.models.tiny_hf import make_tiny_model_dir
+from minpro_megatron.models.tiny_hf import make_tiny_model_dir  # noqa: E402
 
 # a larger initializer_range makes the experts visibly matter for the log-probs
 TINY = dict(kind="qwen3_moe", initializer_range=0.125, dtype="float32")
