@@ -85,8 +85,10 @@ def test_learner_node_and_cpu_rollout_node_end_to_end(slurm_env, tmp_path, tiny_
     for i in (0, 1):  # real SGLang on the CPU engine, started from rollout.sh
         server_log = (fleet / f"server-node2-{i}.log").read_text()
         assert "device='cpu'" in server_log and "attention_backend='torch_native'" in server_log, server_log[-2000:]
-        # the update group's store is at the learner node's address, reached from the rollout node
-        assert "127.0.0.2" in server_log, server_log[-2000:]
+        # the distributed transport: one update group (store at the learner node's MINPRO_NODE_IP, netif line
+        # above), then one broadcast per sync: the start-up sync and one after each of the 3 steps
+        assert server_log.count("POST /init_weights_update_group") == 1, server_log[-2000:]
+        assert server_log.count("POST /update_weights_from_distributed") >= 4, server_log[-2000:]
     # the trainer synced its step-0 weights into both attached servers and probed them before generating
     assert "[sglang] 2 attached server(s) synced to step 0 before the first generation" in log
     scalars = read_scalars(run / "output" / "tb")
