@@ -84,7 +84,7 @@ def test_learner_node_and_cpu_rollout_node_end_to_end(slurm_env, tmp_path, tiny_
     assert "[netif] node2: node address 127.0.0.3 toward node1" in log  # rollout.sh
     for i in (0, 1):  # real SGLang on the CPU engine, started from rollout.sh
         server_log = (fleet / f"server-node2-{i}.log").read_text()
-        assert "device='cpu'" in server_log and "attention_backend='torch_native'" in server_log, server_log[-2000:]
+        assert "'device': 'cpu'" in server_log and "'attention_backend': 'torch_native'" in server_log, server_log[-2000:]
         # the distributed transport: one update group (store at the learner node's MINPRO_NODE_IP, netif line
         # above), then one broadcast per sync: the start-up sync and one after each of the 3 steps
         assert server_log.count("POST /init_weights_update_group") == 1, server_log[-2000:]
