@@ -41,7 +41,7 @@ def _module_name(path: Path, root: Path) -> str:
 def package_imports(root: Path) -> dict[tuple[str, str], list[str]]:
     """(importing unit, imported unit) -> the importing modules, for imports between different units
     (a unit is the first component below ``root``'s package)."""
-    top = root.name
+    top, units = root.name, _units(root)
     edges: dict[tuple[str, str], list[str]] = defaultdict(list)
     for path in sorted(root.rglob("*.py")):
         module = _module_name(path, root)
@@ -60,7 +60,7 @@ def package_imports(root: Path) -> dict[tuple[str, str], list[str]]:
                 if parts[0] != top or len(parts) < 2 or len(module.split(".")) < 2:
                     continue
                 src, dst = module.split(".")[1], parts[1]
-                if src != dst and (dst in _units(root)):
+                if src != dst and dst in units:
                     edges[(src, dst)].append(module)
     return edges
 

@@ -12,7 +12,7 @@ from minpro_megatron.data.tasks import Problem
 from minpro_megatron.learner.batch import TrainSample
 from minpro_megatron.rollout.types import RolloutSample, SampleGroup, WeightVersionSpan
 
-__all__ = ["Group", "train_samples"]
+__all__ = ["Group", "train_sample", "train_samples"]
 
 
 @dataclasses.dataclass
@@ -48,10 +48,12 @@ class Group:
         return Group(Problem(**state["problem"]), samples, list(state["rewards"]), list(state["advantages"]))
 
 
+def train_sample(s: RolloutSample, advantage: float) -> TrainSample:
+    """One response with tokens as the learner's sample (behaviour log-probs as pi_old)."""
+    return TrainSample(torch.tensor(s.prompt_ids + s.response_ids), len(s.prompt_ids), torch.tensor(s.logprobs),
+                       advantage, version=s.min_version)
+
+
 def train_samples(groups: Sequence[Group]) -> list[TrainSample]:
     """The learner's samples (empty responses carry no tokens to train on and are left out)."""
-    return [
-        TrainSample(torch.tensor(s.prompt_ids + s.response_ids), len(s.prompt_ids), torch.tensor(s.logprobs),
-                    adv, version=s.min_version)
-        for g in groups for s, adv in zip(g.samples, g.advantages) if s.response_ids
-    ]
+    return [train_sample(s, adv) for g in groups for s, adv in zip(g.samples, g.advantages) if s.response_ids]

@@ -29,7 +29,7 @@ from minpro_megatron.train import checkpointing
 from minpro_megatron.train.batch_source import make_batch_source
 from minpro_megatron.train.dp import DataParallel
 from minpro_megatron.train.evaluation import greedy_accuracy
-from minpro_megatron.train.groups import Group, train_samples
+from minpro_megatron.train.groups import Group, train_sample, train_samples
 from minpro_megatron.train.guard import NonFiniteError, UpdateGuard
 from minpro_megatron.train.rollouts import Rollouts
 from minpro_megatron.train.stats import PhaseTimer, StepStats, batch_digest, mean_dicts, rollout_metrics
@@ -189,18 +189,12 @@ class RLTrainer:
     def _sample_dump(self, groups: Sequence[Group]) -> list[dict]:
         """logging.dump_samples rows of this rank's first samples, scored by the current (pre-update) policy.
         Collective: every rank scores the same number of samples (experts may span DP ranks)."""
-        from minpro_megatron.learner.batch import TrainSample
         from minpro_megatron.metrics.samples import sample_row
-
-        import torch
 
         picked = [(g, s, r, a) for g in groups for s, r, a in zip(g.samples, g.rewards, g.advantages) if s.response_ids]
         n = int(-self.dp.max(-min(self.cfg.logging.dump_samples, len(picked))))
         picked = picked[:n]
-        logps = self.learner.score([
-            TrainSample(torch.tensor(s.prompt_ids + s.response_ids), len(s.prompt_ids), torch.tensor(s.logprobs), a)
-            for _, s, _, a in picked
-        ]) if n else []
+        logps = self.learner.score([train_sample(s, a) for _, s, _, a in picked]) if n else []
         return [
             sample_row(self.rl_step + 1, i, prompt=g.problem.prompt, response=self.codec.response_text(s.response_ids),
                        answer=g.problem.answer, data_source=g.problem.data_source, reward=r, advantage=a,
@@ -281,7 +275,7 @@ class RLTrainer:
     def _log(self, step: int, stats: StepStats) -> None:
         if self.rank != 0:
             return
-        self.writer.scalars(step, {k: v for k, v in stats.metrics.items() if not k.startswith("_")})
+        self.writer.scalars(step, stats.metrics)
         if stats.token_ages:
             self.writer.histogram(step, "rollout/token_age", stats.token_ages)
 
