@@ -15,7 +15,6 @@ with the weights of ``model_path``; until the next weight sync reaches it, it is
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -25,7 +24,7 @@ from minpro_megatron.rollout.client import RolloutClient
 from minpro_megatron.serving.control import ServerControl
 from minpro_megatron.serving.orphans import PidFile
 from minpro_megatron.serving.router import RouterAdmin, RouterProcess
-from minpro_megatron.serving.server import ServerLaunchSpec, ServerPool, SGLangServer
+from minpro_megatron.serving.server import ServerLaunchSpec, ServerPool, SGLangServer, port_free
 from minpro_megatron.convert.buckets import Bucket
 from minpro_megatron.weights.sync import SyncResult, WeightSync, WeightSyncError
 from minpro_megatron.weights.transports import DiskTransport, DistributedTransport, TensorTransport, Transport
@@ -37,15 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["RolloutFleet"]
 
 log = logging.getLogger(__name__)
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
 
 
 class RolloutFleet:
@@ -97,7 +87,7 @@ class RolloutFleet:
         specs = []
         for i in range(c.num_servers):
             port = None if c.base_port == 0 else c.base_port + i
-            if port is not None and not _port_free(c.host, port):
+            if port is not None and not port_free(c.host, port):
                 raise ValueError(
                     f"port {port} (rollout.base_port={c.base_port} + {i}) is in use; pick another base_port or 0 for free ports"
                 )

@@ -18,7 +18,7 @@ import requests
 
 from minpro_megatron.serving.auth import bearer, redact, router_auth_args
 from minpro_megatron.serving.orphans import PidFile, spawn
-from minpro_megatron.serving.server import ServerStartError, free_port, stop_pid_tree
+from minpro_megatron.serving.server import PORT_RACE_RETRIES, ServerStartError, free_port, lost_port_race, port_free, stop_pid_tree, tree_listens_on
 
 __all__ = ["RouterProcess", "RouterAdmin", "RouterError"]
 
@@ -114,6 +114,7 @@ class RouterProcess:
             raise ValueError(f"router host={host!r}: the router binds 127.0.0.1 (its default 0.0.0.0 is refused)")
         self.host = host
         self.port = port or free_port(host)
+        self.auto_port = not port  # ours to change if another process takes it first
         # sglang-router serves Prometheus metrics on 0.0.0.0:29000 unless told otherwise: every interface, and
         # a port two routers on one host collide on. Ours binds the router's host on a free port.
         self.metrics_port = free_port(host)
@@ -144,6 +145,27 @@ class RouterProcess:
         return cmd + self.extra_args
 
     def start(self, timeout_s: float = 60.0) -> None:
+        """Start and wait for /liveness. A port taken by another process between free_port() and the
+        router's bind (an auto-chosen router port, or the metrics port, always ours) is replaced by a
+        fresh one, up to PORT_RACE_RETRIES times."""
+        for attempt in range(PORT_RACE_RETRIES + 1):
+            if not self.auto_port and not port_free(self.host, self.port):
+                raise ServerStartError(
+                    f"router port {self.port} on {self.host} is in use by another process "
+                    "(rollout.router_port: pick a free one, or 0 for any free port)"
+                )
+            try:
+                return self._start_once(timeout_s)
+            except ServerStartError as exc:
+                if attempt == PORT_RACE_RETRIES or not lost_port_race(str(exc)):
+                    raise
+            self.stop()
+            if self.auto_port:
+                self.port = free_port(self.host)
+            self.metrics_port = free_port(self.host)
+            log.warning("router lost a port to another process; starting again on %d (metrics %d)", self.port, self.metrics_port)
+
+    def _start_once(self, timeout_s: float) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n===== router: {' '.join(redact(self.command(), self.api_key))}\n".encode())
@@ -162,7 +184,7 @@ class RouterProcess:
                 if self.proc.poll() is not None:
                     raise ServerStartError(f"router exited with code {self.proc.returncode}; log:\n{self._tail()}")
                 try:
-                    if session.get(f"{self.url}/liveness", timeout=2).status_code == 200:
+                    if session.get(f"{self.url}/liveness", timeout=2).status_code == 200 and tree_listens_on(self.proc.pid, self.port):
                         break
                 except requests.RequestException:
                     pass

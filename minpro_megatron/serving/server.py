@@ -26,7 +26,7 @@ from minpro_megatron.serving.auth import bearer, is_loopback_host, write_sglang_
 from minpro_megatron.serving.cpu_support import cpu_server_args, cuda_available, server_env, uses_standin
 from minpro_megatron.serving.orphans import PidFile, spawn
 
-__all__ = ["ServerLaunchSpec", "SGLangServer", "ServerPool", "ServerStartError", "free_port", "stop_pid_tree"]
+__all__ = ["ServerLaunchSpec", "SGLangServer", "ServerPool", "ServerStartError", "free_port", "port_free", "lost_port_race", "stop_pid_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,42 @@ class ServerStartError(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free right now (another process may still take it before we bind)."""
+    """A port the OS reports free right now (another process may still take it before we bind: callers
+    that chose it this way retry on a fresh one when ``lost_port_race`` says so)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether ``port`` on ``host`` can be bound right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def tree_listens_on(pid: int, port: int) -> bool:
+    """Whether the process tree of ``pid`` listens on ``port``: a health answer on a port another process
+    took must not pass for ours (True where psutil cannot tell; the caller's log check still applies)."""
+    try:
+        import psutil
+
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for p in procs for c in p.net_connections(kind="inet"))
+    except Exception:  # psutil missing, access denied, or the process is gone
+        return True
+
+
+PORT_RACE_RETRIES = 2  # fresh ports tried after a server or router lost its auto-chosen one
+
+
+def lost_port_race(log_text: str) -> bool:
+    """The log of a process that died because its port was taken (SGLang/uvicorn and the Rust router both
+    print the OS error "Address already in use")."""
+    return "address already in use" in log_text.lower()
 
 
 def _children(pid: int) -> list[int]:
@@ -184,9 +216,11 @@ class SGLangServer:
         self.name = name
         self.log_path = Path(log_path)
         self.port = spec.port or free_port(spec.host)
+        self.auto_port = not spec.port  # ours to change if another process takes it first
         self.proc: subprocess.Popen | None = None
         self._children: set[int] = set()
         self._stopped = True  # nothing to stop yet; guards against signalling a reused PID twice
+        self._log_offset = 0
         self.starts = 0
 
     @property
@@ -214,6 +248,7 @@ class SGLangServer:
         logf = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600 if auth else 0o644), "ab")
         if auth:
             os.chmod(self.log_path, 0o600)
+        self._log_offset = self.log_path.stat().st_size  # this start's lines begin here
         banner = f"\n===== {self.name} start #{self.starts + 1}: {' '.join(cmd)}\n"
         if uses_standin(device):
             banner += "===== NO CUDA: this server imports the pure-torch sgl_kernel STAND-IN (cpu_support.py)\n"
@@ -234,6 +269,31 @@ class SGLangServer:
         self._stopped = False
         self.starts += 1
         log.info("started %s pid=%d at %s (log %s)", self.name, self.proc.pid, self.url, self.log_path)
+
+    def wait_ready_or_rebind(self, timeout_s: float | None = None) -> float:
+        """wait_ready; a server that died because another process took its auto-chosen port (between
+        free_port() and SGLang's bind) is started again on a fresh port, up to PORT_RACE_RETRIES times."""
+        for attempt in range(PORT_RACE_RETRIES + 1):
+            try:
+                return self.wait_ready(timeout_s)
+            except ServerStartError:
+                if not (self.auto_port and attempt < PORT_RACE_RETRIES and lost_port_race(self.log_since_start())):
+                    raise
+            old = self.port
+            self.stop(grace_s=2.0)
+            self.port = free_port(self.spec.host)
+            log.warning("%s lost port %d to another process; starting again on %d", self.name, old, self.port)
+            self.start()
+        raise AssertionError("unreachable")
+
+    def log_since_start(self) -> str:
+        """The log lines of the current start only (the file keeps every start's lines)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -261,8 +321,12 @@ class SGLangServer:
                 if self.proc.poll() is not None:
                     raise self._fail(f"exited with code {self.proc.returncode} during start-up")
                 self._children |= set(_children(self.proc.pid))
+                if lost_port_race(self.log_since_start()):  # SGLang then hangs in shutdown instead of exiting
+                    self.stop(grace_s=2.0)
+                    raise self._fail("lost its port to another process (address already in use; stopped it)")
                 try:
-                    if session.get(f"{self.url}/health_generate", timeout=5).status_code == 200:
+                    # the 200 must come from our process tree, not from whoever holds the port
+                    if session.get(f"{self.url}/health_generate", timeout=5).status_code == 200 and tree_listens_on(self.proc.pid, self.port):
                         return time.monotonic() - t0
                 except requests.RequestException:
                     pass
@@ -334,7 +398,11 @@ class ServerPool:
             try:
                 for s in self.servers:
                     s.start()
-                return {s.url: s.wait_ready(timeout_s) for s in self.servers}
+                ready = {}
+                for s in self.servers:
+                    seconds = s.wait_ready_or_rebind(timeout_s)
+                    ready[s.url] = seconds
+                return ready
             except BaseException:
                 self.stop()
                 raise

@@ -39,9 +39,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from minpro_megatron.serving.control import ServerControl, ServerControlError
-from minpro_megatron.serving.server import free_port
 from minpro_megatron.convert.buckets import Bucket, FlatBucket, bucket_nbytes, dtype_name, validate_bucket
-from minpro_megatron.weights.update_group import destroy_update_group, init_update_group
+from minpro_megatron.weights.update_group import destroy_update_group, host_update_store, init_update_group
 
 __all__ = [
     "TransportStats", "Transport", "DistributedTransport", "DiskTransport", "TensorTransport", "Staged", "stage_buckets",
@@ -239,7 +238,8 @@ class DistributedTransport(Transport):
             raise ServerControlError(f"cannot build the weight-update group: {down} not healthy (GET /health)")
         world = 1 + sum(tp)
         offsets = [1 + sum(tp[:k]) for k in range(len(servers))]
-        port = self.master_port or free_port(self.master_address)
+        store = host_update_store(self.master_address, self.master_port, world, self.timeout_s)
+        port = store.port  # listening already: the servers cannot race another process for it
         name = f"minpro_wu_{uuid.uuid4().hex[:8]}"  # fresh name: a half-dead old group cannot collide
         # Servers block in their POST until rank 0 joins: start them in threads, then join as rank 0.
         errors: list[str] = []
@@ -254,7 +254,7 @@ class DistributedTransport(Transport):
         for t in threads:
             t.start()
         try:
-            self.pg = init_update_group(self.master_address, port, world, name, self.backend, 0, self.timeout_s)
+            self.pg = init_update_group(self.master_address, port, world, name, self.backend, 0, self.timeout_s, store=store)
         finally:
             for t in threads:
                 t.join(timeout=self.timeout_s)

@@ -13,7 +13,20 @@ import datetime
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-__all__ = ["init_update_group", "destroy_update_group"]
+__all__ = ["host_update_store", "init_update_group", "destroy_update_group"]
+
+
+def host_update_store(master_address: str, master_port: int | None, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening before any server learns its port.
+
+    ``master_port=None`` binds port 0, so the OS picks the port at bind time: no other process can take
+    it between choosing a port and listening on it (a free-port probe followed by a later bind lost that
+    race under load; torch's store listens on every interface, so a probe of one address could also miss
+    a port taken on another)."""
+    return dist.TCPStore(
+        master_address, master_port or 0, world_size, is_master=True,
+        timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False, multi_tenant=True,
+    )
 
 
 def init_update_group(
@@ -24,14 +37,17 @@ def init_update_group(
     backend: str = "gloo",
     rank: int = 0,
     timeout_s: float = 300.0,
+    store: dist.Store | None = None,
 ) -> ProcessGroup:
-    """Join (rank 0: host) the group; blocks until all ``world_size`` ranks have joined."""
+    """Join (rank 0: host) the group; blocks until all ``world_size`` ranks have joined. ``store``: rank 0's
+    store from host_update_store (then master_address/master_port only name it in errors)."""
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
 
     if world_size < 2:
         raise ValueError(f"weight-update group world_size={world_size}: needs the trainer and >= 1 server rank")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
+    if store is None:
+        store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)  # same prefix as SGLang's side
     pg, _ = _new_process_group_helper(

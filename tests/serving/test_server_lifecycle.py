@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import psutil
@@ -13,7 +14,7 @@ import pytest
 
 from minpro_megatron.config import ConfigError, RolloutConfig
 from minpro_megatron.serving.router import RouterProcess
-from minpro_megatron.serving.server import ServerLaunchSpec, SGLangServer, ServerStartError
+from minpro_megatron.serving.server import ServerLaunchSpec, ServerPool, SGLangServer, ServerStartError
 
 
 def group_members(pgid: int) -> list[int]:
@@ -98,3 +99,51 @@ def test_two_routers_run_side_by_side_listening_on_loopback_only(tmp_path):
     finally:
         for r in routers:
             r.stop()
+
+
+def _squat(host: str, port: int) -> socket.socket:
+    """Another process's listener on the port we chose: what losing the free_port() race looks like."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((host, port))
+    s.listen()
+    return s
+
+
+def test_router_that_loses_its_auto_port_starts_on_a_fresh_one(tmp_path):
+    router = RouterProcess(tmp_path / "r.log")
+    taken = router.port
+    squatter = _squat(router.host, taken)
+    try:
+        router.start(timeout_s=60)
+        assert router.port != taken and router.proc.poll() is None
+        assert (router.host, router.port) in _listening(router.proc.pid)
+        assert "already in use" in (tmp_path / "r.log").read_text().lower()  # it really lost the first bind
+    finally:
+        router.stop()
+        squatter.close()
+
+
+def test_router_on_a_user_port_that_is_taken_fails_naming_the_cause(tmp_path):
+    squatter = _squat("127.0.0.1", 0)
+    port = squatter.getsockname()[1]
+    try:
+        with pytest.raises(ServerStartError, match=r"router port \d+ on 127.0.0.1 is in use.*rollout.router_port"):
+            RouterProcess(tmp_path / "r.log", port=port).start(timeout_s=60)
+    finally:
+        squatter.close()
+
+
+@pytest.mark.sglang
+def test_server_that_loses_its_auto_port_starts_on_a_fresh_one(tmp_path, tiny_models):
+    pool = ServerPool([ServerLaunchSpec(model_path=str(tiny_models["A"][2]), device="cpu", dtype="float32")], tmp_path)
+    server = pool.servers[0]
+    taken = server.port
+    squatter = _squat(server.spec.host, taken)
+    try:
+        ready = pool.start(timeout_s=180)
+        assert server.port != taken and list(ready) == [server.url]
+        assert "already in use" in (tmp_path / "sglang_0.log").read_text().lower()
+        assert server.starts == 2
+    finally:
+        pool.stop()
+        squatter.close()
