@@ -97,7 +97,7 @@ def test_sweep_and_slurm_and_converter_mistakes_are_one_line(capsys, tmp_path, m
     # no sbatch reachable: refused before the run directory is written
     monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without sbatch / scontrol
     run_dir = tmp_path / "job"
-    _one_error(capsys, cli.slurm_main(["submit", TINY, "--run-dir", str(run_dir)]), "sbatch / scontrol not found")
+    _one_error(capsys, cli.slurm_main(["submit", TINY, "rollout.backend=local", "--run-dir", str(run_dir)]), "sbatch / scontrol not found")
     assert not run_dir.exists()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -106,9 +106,9 @@ def test_sweep_and_slurm_and_converter_mistakes_are_one_line(capsys, tmp_path, m
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
-    _one_error(capsys, cli.slurm_main(["submit", TINY, "--run-dir", str(run_dir)]), "SLURM_CONF=", "does not exist")
+    _one_error(capsys, cli.slurm_main(["submit", TINY, "rollout.backend=local", "--run-dir", str(run_dir)]), "SLURM_CONF=", "does not exist")
     monkeypatch.delenv("SLURM_CONF")
-    _one_error(capsys, cli.slurm_main(["submit", TINY, "--run-dir", str(run_dir)]), "not reachable", "SLURM_CONF is not set")
+    _one_error(capsys, cli.slurm_main(["submit", TINY, "rollout.backend=local", "--run-dir", str(run_dir)]), "not reachable", "SLURM_CONF is not set")
     assert not run_dir.exists()
 
 

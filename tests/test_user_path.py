@@ -31,6 +31,11 @@ def run_dir(tmp_path_factory) -> Path:
     assert "CPU path:" in proc.stderr
     assert "Transformer Engine and Apex are not installed" not in proc.stderr
     assert "Apex is not installed" not in proc.stderr
+    # the run ends saying where its results are, with the accuracy it reached
+    scalars = read_scalars(out / "tb")["eval/accuracy"]
+    assert f"greedy held-out accuracy: {scalars[0][1]:.3f} (step 0) -> {scalars[-1][1]:.3f} (step 3)" in proc.stdout, proc.stdout[-2000:]
+    for line in (f"summary:     {out / 'summary.md'}", f"plot:        {out / 'plot.png'}", f"TensorBoard: tensorboard --logdir {out / 'tb'}"):
+        assert line in proc.stdout, proc.stdout[-2000:]
     return out
 
 

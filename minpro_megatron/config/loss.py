@@ -46,8 +46,8 @@ class LossConfig:
     aggregation: Aggregation = "token-mean"  # token-mean over the global batch, or means over sequences
     eps_low: float | None = None  # clip range low side: r >= 1 - eps_low; None: the loss's default (DEFAULT_CLIP)
     eps_high: float | None = None  # clip range high side: r <= 1 + eps_high; None: the loss's default
-    dual_clip: float | None = None  # GRPO dual-clip constant c > 1; None: off
-    log_ratio_clamp: float | None = None  # GRPO: clamp log r to +-this before exp (verl uses 20); None: off
+    dual_clip: float | None = None  # GRPO dual-clip constant c > 1; None: off; other losses ignore it
+    log_ratio_clamp: float | None = None  # GRPO: clamp log r to +-this before exp (verl uses 20); None: off; other losses ignore it
     kl_coef: float = 0.0  # GRPO: weight of the k3 KL to a reference policy
     m2po_tau: float = 0.04  # M2PO second-moment threshold
     prefix_stat: PrefixStat = "min"  # MinPRO prefix statistic (prod: exact prefix ratio; none: CISPO)
@@ -73,9 +73,8 @@ class LossConfig:
             raise ConfigError(f"loss.eps_low / loss.eps_high must be >= 0, got {lo} / {hi}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ConfigError(f"loss.dual_clip must be > 1 (e.g. 3.0) or null, got {self.dual_clip}")
-        if self.log_ratio_clamp is not None and (self.log_ratio_clamp <= 0 or self.name != "grpo"):
-            raise ConfigError(f"loss.log_ratio_clamp must be > 0 (verl uses 20.0) and is only used by grpo; got "
-                              f"{self.log_ratio_clamp} with loss.name={self.name!r}")
+        if self.log_ratio_clamp is not None and self.log_ratio_clamp <= 0:
+            raise ConfigError(f"loss.log_ratio_clamp must be > 0 (verl uses 20.0) or null, got {self.log_ratio_clamp}")
         if self.kl_coef < 0:
             raise ConfigError(f"loss.kl_coef must be >= 0, got {self.kl_coef}")
         if self.m2po_tau <= 0:

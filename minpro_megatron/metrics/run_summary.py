@@ -109,6 +109,20 @@ def _title(label: str, desc: dict[str, str]) -> str:
             f"{desc['optimizer']}\nwarm start {desc['warm start']}; model {desc['model']}")
 
 
+def where_to_look(run_dir: str | Path) -> str:
+    """The lines a finished run prints: its held-out accuracy, then where its files are."""
+    run_dir = Path(run_dir)
+    acc = read_scalars(run_dir / "tb").get("eval/accuracy", [])
+    lines = [f"greedy held-out accuracy: {acc[0][1]:.3f} (step {acc[0][0]}) -> {acc[-1][1]:.3f} (step {acc[-1][0]})"] if acc else []
+    return "\n".join([
+        *lines,
+        f"summary:     {run_dir / 'summary.md'}",
+        f"plot:        {run_dir / 'plot.png'}",
+        f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
+        f"checkpoints: {run_dir / 'checkpoints'} (a second run of the same command resumes from the last one)",
+    ])
+
+
 def write_run_summary(run_dir: str | Path, label: str | None = None) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     label = label or run_dir.name

@@ -354,9 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             trainer.run()
             if ctx.rank == 0:
-                from minpro_megatron.metrics.run_summary import write_run_summary
+                from minpro_megatron.metrics.run_summary import where_to_look, write_run_summary
 
                 write_run_summary(Path(cfg.logging.output_dir))
+                print(where_to_look(cfg.logging.output_dir), flush=True)
         finally:
             trainer.close()
     finally:

@@ -170,7 +170,16 @@ def test_grpo_log_ratio_clamp_bounds_the_ratio_like_verl() -> None:
     from minpro_megatron.config.base import ConfigError
 
     with pytest.raises(ConfigError, match="loss.log_ratio_clamp"):
-        LossConfig(name="cispo", log_ratio_clamp=20.0).validate()
+        LossConfig(name="grpo", log_ratio_clamp=0.0).validate()
+    # GRPO's own knobs (clamp, dual clip) leave the other losses untouched, as verl's clip_ratio_c does: a
+    # GRPO config switched to another loss by one override (a sweep's method axis) stays valid
+    for name in ("cispo", "minpro"):
+        extreme = pack([seq])
+        plain, _ = policy_loss(extreme.logp, extreme.old_logp, extreme.adv, extreme.mask, extreme.layout, LossConfig(name=name))
+        knobs = LossConfig(name=name, log_ratio_clamp=20.0, dual_clip=3.0)
+        knobs.validate()
+        same, _ = policy_loss(extreme.logp, extreme.old_logp, extreme.adv, extreme.mask, extreme.layout, knobs)
+        assert float(plain) == float(same)
 
 
 # Train-inference mismatch correction (losses/mismatch.py): every loss x {none, tis, mask}.

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slurm
 
 TINY = str(Path(__file__).resolve().parents[2] / "examples" / "tiny_moe_cpu.yaml")
 # 2 ranks per node on fake GPUs: the same --gpus-per-node path as the H100 configs
-CPU = ["--doctor", "slurm.gpus_per_node=2", "slurm.procs_per_node=2", "slurm.time=00:05:00"]
+CPU = ["--doctor", "slurm.gpus_per_node=2", "slurm.procs_per_node=2", "slurm.time=00:05:00", "rollout.backend=local"]
 QUICK = 'slurm.program_args=["--sizes-mb","1","--iters","2"]'
 
 

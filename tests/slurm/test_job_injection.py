@@ -94,7 +94,7 @@ def test_rewriting_a_run_dir_tightens_old_modes(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text("old")
     (run / "config.yaml").chmod(0o644)
-    assert submit.main(["submit", str(TINY), "--doctor", "slurm.gpus_per_node=2", "--run-dir", str(run), "--no-submit"]) == 0
+    assert submit.main(["submit", str(TINY), "--doctor", "rollout.backend=local", "slurm.gpus_per_node=2", "--run-dir", str(run), "--no-submit"]) == 0
     assert stat.S_IMODE((run / "config.yaml").stat().st_mode) == 0o600
 
 

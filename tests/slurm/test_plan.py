@@ -165,7 +165,7 @@ def test_sweep_tasks_map_ids_to_overrides(capsys):
     ["submit", str(QWEN3_8B)],
     ["submit", str(QWEN3_30B), "slurm.container_image=img", "slurm.setup=[module load cuda]"],
     ["sweep", str(QWEN3_8B), "--methods", "grpo,minpro", "slurm.array_max_parallel=2"],
-    ["sweep", str(TINY), "--doctor", "--staleness", "0,2", "slurm.container_image=img"],
+    ["sweep", str(TINY), "--doctor", "--staleness", "0,2", "slurm.container_image=img", "rollout.backend=local"],
 ])
 def test_generated_scripts_are_valid_bash(tmp_path, capsys, args):
     run = tmp_path / "run"

@@ -21,8 +21,11 @@ from tests.mp_utils import run_multiprocess
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny_moe_cpu.yaml"
 
-# A few quick steps of the embedded default's model (small batch, short warm start).
+# A few quick steps of the embedded default's model (small batch, short warm start), with the local engine
+# and MinPRO (the embedded default itself runs GRPO on an SGLang server: tests/train/test_trainer_sglang.py).
 QUICK = [
+    "rollout.backend=local",
+    "loss.name=minpro",
     "train.rollout_batch_size=8",
     "train.group_size=4",
     "train.micro_batch_size=8",
