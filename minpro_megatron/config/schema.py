@@ -18,6 +18,7 @@ from minpro_megatron.config.base import ConfigError, load_yaml_config, to_dict
 from minpro_megatron.config.layout_rules import check_layout, check_world
 from minpro_megatron.config.loss import LossConfig
 from minpro_megatron.config.slurm import SlurmConfig
+from minpro_megatron.config.warm_start import check_warm_start
 
 __all__ = [
     "ModelConfig",
@@ -273,8 +274,11 @@ class TrainConfig:
     group_size: int = 8  # responses per prompt (GRPO group)
     updates_per_batch: int = 1  # mini-batch updates per rollout batch
     micro_batch_size: int = 16  # sequences per micro-batch (per DP rank)
-    warm_start_steps: int = 0  # supervised steps before RL (embedded default)
+    warm_start_steps: int = 0  # supervised steps before RL (embedded default); the cap when warm_start_until_accuracy is on
     warm_start_lr: float = 1e-3  # learning rate of the warm-start steps
+    warm_start_until_accuracy: float = 0.0  # stop the warm start once the sampled accuracy (reward >= 1, rollout sampling) reaches this, in (0, 1]; 0: off (exactly warm_start_steps steps)
+    warm_start_check_interval: int = 25  # with warm_start_until_accuracy: warm-start steps between checks (step 0 and the cap are checked too)
+    warm_start_check_samples: int = 64  # with warm_start_until_accuracy: next prompts of the training stream per check, one sample each
     advantage_eps: float = 1e-6  # added to the group reward std before dividing
     eval_interval: int = 0  # RL steps between greedy evaluations on the held-out set (0: start only)
     # Updates with a non-finite gradient are skipped (parameters and Adam state untouched) and counted
@@ -329,6 +333,7 @@ class RunConfig:
                 f"train.rollout_batch_size * train.group_size = {samples} samples is not divisible by "
                 f"train.updates_per_batch={t.updates_per_batch}"
             )
+        check_warm_start(t)
         if t.max_nonfinite_skips < 0:
             raise ConfigError(f"train.max_nonfinite_skips={t.max_nonfinite_skips} must be >= 0")
         if p.collective_timeout_s <= 0:

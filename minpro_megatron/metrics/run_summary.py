@@ -90,7 +90,12 @@ def run_description(run_dir: str | Path, scalars: dict[str, list] | None = None)
                             f"logged metric, {time.strftime('%Y-%m-%d %H:%M', time.localtime(span[1]))}")
     warm = int(train.get("warm_start_steps", 0) or 0)
     nll = scalars.get(WARM_START_TAG, [])
-    if warm:
+    goal = float(train.get("warm_start_until_accuracy", 0) or 0)
+    if warm and goal:
+        out["warm start"] = _criterion_warm_start(train, scalars, warm, goal)
+        if nll:
+            out["warm start"] += f", nll {nll[0][1]:.4g} -> {nll[-1][1]:.4g}"
+    elif warm:
         text = f"{warm} supervised steps at lr {train.get('warm_start_lr')}"
         if nll:
             text += f", nll {nll[0][1]:.4g} -> {nll[-1][1]:.4g}"
@@ -102,6 +107,21 @@ def run_description(run_dir: str | Path, scalars: dict[str, list] | None = None)
     out["data"] = data.get("train_path") or data.get("task", "?") if data else "?"
     out["optimizer"] = f"lr {cfg.get('optim', {}).get('lr')}, {train.get('updates_per_batch', 1)} update(s) per batch"
     return out
+
+
+def _criterion_warm_start(train: dict, scalars: dict[str, list], cap: int, goal: float) -> str:
+    """The warm start to a criterion (train/warm_start.py) in words, its outcome first; a cap hit is loud."""
+    rule = (f"until sampled accuracy >= {goal:g} (checked every {train.get('warm_start_check_interval')} steps on "
+            f"{train.get('warm_start_check_samples')} samples), at most {cap} supervised steps at lr {train.get('warm_start_lr')}")
+    checks = ", ".join(f"{v:.3g}@{s}" for s, v in scalars.get("warm_start/sampled_accuracy", []))
+    taken = scalars.get("warm_start/steps_taken", [])
+    if not taken:
+        return f"{rule}; not finished (checks: {checks or 'none'})"
+    steps, hit = int(taken[-1][1]), bool(scalars.get("warm_start/cap_hit", [(0, 0.0)])[-1][1])
+    if hit:
+        return (f"**CAP HIT: {steps} steps without reaching sampled accuracy >= {goal:g}; the RL may have had nothing to "
+                f"learn from** ({rule}; checks: {checks})")
+    return f"criterion met after {steps} of at most {cap} steps ({rule}; checks: {checks})"
 
 
 def _title(label: str, desc: dict[str, str]) -> str:
@@ -132,6 +152,7 @@ def write_run_summary(run_dir: str | Path, label: str | None = None) -> tuple[Pa
     table = write_markdown_table(rows)
     text = "\n".join([
         f"# Run summary: {label}", "",
+        *([f"> WARNING: {desc['warm start']}", ""] if "CAP HIT" in desc["warm start"] else []),
         *(f"- **{k}**: {v}" for k, v in desc.items()), "",
         f"first / last: the first and last logged value of a metric with fewer than {FEW_POINTS} points, else the "
         f"means of its first / last {WINDOW} points. warm_start/nll is on the warm-start step axis.", "",

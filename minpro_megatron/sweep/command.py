@@ -44,6 +44,7 @@ def run_local(config: str, overrides: list[str], cells: Sequence[Cell], out: Pat
 
     validate_cells(config, overrides, cells)
     runs = out / "runs"
+    _check_finished_cells(config, overrides, cells, runs, checkpoint_root)
     runs.mkdir(parents=True, exist_ok=True)
     done, failed = [], []
     with Progress() as progress:
@@ -56,7 +57,7 @@ def run_local(config: str, overrides: list[str], cells: Sequence[Cell], out: Pat
                     if d is not None and d.exists():
                         shutil.rmtree(d)
                 run_dir.mkdir(parents=True)
-                extra = [f"logging.output_dir={run_dir}"] + ([f"checkpoint.dir={ckpt}"] if ckpt is not None else [])
+                extra = _run_overrides(run_dir, ckpt)
                 cmd = [sys.executable, "-m", "minpro_megatron.cli", "train", config, *overrides, *cell.overrides, *extra]
                 info = {"name": cell.name, "group": cell.group, "method": cell.method, "overrides": list(cell.overrides),
                         "command": cmd[1:], "checkpoint_dir": str(ckpt) if ckpt else None}
@@ -81,6 +82,28 @@ def run_local(config: str, overrides: list[str], cells: Sequence[Cell], out: Pat
     if failed:
         print(f"sweep: {len(failed)} cell(s) failed and will be retried on the next call: {', '.join(failed)}", file=sys.stderr)
     return done
+
+
+def _run_overrides(run_dir: Path, ckpt: Path | None) -> list[str]:
+    return [f"logging.output_dir={run_dir}"] + ([f"checkpoint.dir={ckpt}"] if ckpt is not None else [])
+
+
+def _check_finished_cells(config: str, overrides: list[str], cells: Sequence[Cell], runs: Path,
+                          checkpoint_root: Path | None) -> None:
+    """A finished cell is skipped only if it was made with the config it would run with now (sweep/protocol.py):
+    a changed protocol never counts an old result as a new one."""
+    from minpro_megatron.config import to_dict
+    from minpro_megatron.sweep.protocol import check_done_cells
+
+    done = []
+    for cell in cells:
+        run_dir = runs / cell.name
+        if is_done(run_dir):
+            ckpt = cell_checkpoint_dir(config, overrides, cell, checkpoint_root)
+            now = load_config(config, [*overrides, *cell.overrides, *_run_overrides(run_dir, ckpt)])
+            done.append((cell.name, run_dir, to_dict(now)))
+    if done:
+        check_done_cells(done)
 
 
 def _grid(args: argparse.Namespace) -> dict[str, list[str]]:

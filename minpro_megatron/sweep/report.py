@@ -16,6 +16,7 @@ import yaml
 from minpro_megatron.config.base import UserError
 from minpro_megatron.metrics.report import read_scalars, write_csv, write_markdown_table
 from minpro_megatron.sweep.grid import CELL_FILE, DONE_MARKER, Cell, is_done
+from minpro_megatron.sweep.protocol import cell_keys, check_one_protocol
 
 
 SWEEP_PLOT_TAGS = ["eval/accuracy", "rollout/reward_mean", "loss/kl_k3", "loss/entropy", "loss/clip_frac_high", "loss/rho_min_mean"]
@@ -66,6 +67,8 @@ def _run_info(run_dir: Path) -> dict | None:
     method = cell.get("method") or (
         cfg["loss"]["name"] + ("" if cfg["loss"].get("prefix_stat", "min") == "min" or cfg["loss"]["name"] != "minpro"
                                else f"-{cfg['loss']['prefix_stat']}"))
+    # what this run varies by design: its cell's overrides, else (no record of them) the sweep axes
+    vary = cell_keys(cell["overrides"]) if "overrides" in cell else {"loss.", "rollout.staleness.n", "train.seed"}
     return {
         "group": cell.get("group", ""),
         "method": method,
@@ -75,7 +78,19 @@ def _run_info(run_dir: Path) -> dict | None:
         "wall_s": float(done.get("wall_s", math.nan)),
         "load_1min": float(done.get("loadavg_start", [math.nan])[0]),
         "scalars": read_run_scalars(run_dir),
+        "config": cfg,
+        "vary": vary | {"loss.name", "rollout.staleness.n", "train.seed"},
+        "fixed_warm_steps": float((cfg.get("train") or {}).get("warm_start_steps", math.nan)),
     }
+
+
+def warm_start_stats(scalars: dict[str, list[tuple[int, float]]], fixed_steps: float = math.nan) -> dict[str, float]:
+    """warm_steps: supervised steps taken (logged at RL step 0 by a warm start to a criterion, else the fixed
+    train.warm_start_steps); warm_cap_hit: 1 if that warm start ended at its cap without meeting the criterion,
+    0 if it met it, nan for the fixed rule (train/warm_start.py)."""
+    taken = scalars.get("warm_start/steps_taken", [])
+    hit = scalars.get("warm_start/cap_hit", [])
+    return {"warm_steps": taken[-1][1] if taken else fixed_steps, "warm_cap_hit": hit[-1][1] if hit else math.nan}
 
 
 def run_stats(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, float]:
@@ -118,7 +133,7 @@ def run_stats(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, float]:
 
 
 STUDY_COLUMNS = ["acc_start", "acc_final", "acc_best", "reward_auc", "collapsed", "kl_k3", "clip_high", "clip_low",
-                 "rho_min_mean", "rho_min_p10", "rho_min_min"]
+                 "rho_min_mean", "rho_min_p10", "rho_min_min", "warm_steps"]
 
 
 def _pm(mean: float, std: float, n: int) -> str:
@@ -141,10 +156,13 @@ def collect(runs_dir: str | Path, out_dir: str | Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     infos = [i for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if (i := _run_info(d))]
     if not infos:
-        raise UserError(f"no finished runs (config.yaml + tb/) under {runs_dir}")
+        if expected is None:
+            raise UserError(f"no finished runs (config.yaml + tb/) under {runs_dir}")
+        return _write_empty(out, expected), []
+    check_one_protocol(infos)  # never one row from two protocols (sweep/protocol.py)
     cells: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     for info in infos:
-        info["stats"] = run_stats(info["scalars"])
+        info["stats"] = {**run_stats(info["scalars"]), **warm_start_stats(info["scalars"], info["fixed_warm_steps"])}
         cells[(info["group"], info["method"], info["staleness"])].append(info)
     order = sorted(cells, key=lambda k: (k[0], k[2], k[1]))
     rows, md_rows = [], []
@@ -176,6 +194,10 @@ def collect(runs_dir: str | Path, out_dir: str | Path | None = None,
         md_rows.append(md)
     table = out / "sweep_table.md"
     text = write_markdown_table(md_rows, None, title=f"Staleness sweep ({len(infos)} finished runs; mean ± std over seeds)")
+    capped = sorted(i["name"] for i in infos if i["stats"]["warm_cap_hit"] == 1.0)
+    if capped:  # their RL may have had nothing to learn from (docs/staleness_study.md, the v1 finding)
+        text += (f"\n**Warm start hit its cap without meeting its criterion** in {len(capped)} run(s): {', '.join(capped)}. "
+                 "Their RL may have had nothing to learn from; read their rows with that in mind.\n")
     pending = [c.name for c in expected or [] if not any(i["name"] == c.name for i in infos)]
     if expected is not None:
         text += f"\n{len(infos)} of {len(expected)} cells finished; {len(pending)} pending.\n"
@@ -188,6 +210,14 @@ def collect(runs_dir: str | Path, out_dir: str | Path | None = None,
     plots = [_plot_by_staleness(cells, order, tag, out / f"sweep_{tag.replace('/', '_')}.png") for tag in SWEEP_PLOT_TAGS]
     plots.append(_plot_vs_staleness(rows, out / "sweep_accuracy_vs_staleness.png"))
     return table, plots
+
+
+def _write_empty(out: Path, expected: Sequence[Cell]) -> Path:
+    """A sweep with no finished cell yet: the table says so and every cell is pending."""
+    table = out / "sweep_table.md"
+    table.write_text(f"## Staleness sweep (0 finished runs)\n\n0 of {len(expected)} cells finished; {len(expected)} pending.\n")
+    (out / "sweep_pending.txt").write_text("".join(f"{c.name}\n" for c in expected))
+    return table
 
 
 RESULTS_BEGIN = "<!-- results:begin (written by minpro-sweep collect --doc; do not edit) -->"

@@ -96,7 +96,8 @@ class RLTrainer:
             self.writer.flush()
             return {}
         if self.rl_step == 0:
-            self._log(0, StepStats({**self.evaluate(), "data/dropped_overlong_rows": float(self.dropped_rows)}))
+            self._log(0, StepStats({**self.evaluate(), "data/dropped_overlong_rows": float(self.dropped_rows),
+                                    **self.warm.outcome()}))
         last: dict[str, float] = {}
         with _progress(self.rank, cfg.train.steps, self.rl_step) as progress:
             while self.rl_step < cfg.train.steps:
@@ -173,8 +174,14 @@ class RLTrainer:
         False when a stop request ended it early (a checkpoint then holds the warm-start position)."""
         if self.warm.done:
             return True
+        check = None
+        if self.cfg.train.warm_start_until_accuracy:  # the criterion samples with the RL's engine (train/warm_check.py)
+            from minpro_megatron.train.warm_check import SampledAccuracyCheck
+
+            check = SampledAccuracyCheck(self.engine, self.sampling, self.codec, self.dp, self.cfg.data.strict_format,
+                                         self.cfg.train.warm_start_check_samples)
         if not self.warm.run(self.learner, self.stream, self.codec, self.dp, self.guard, self.stop, self.save,
-                             self.out_dir, self.rank):
+                             self.out_dir, self.rank, check):
             return False
         self.engine.update_weights(self.rl_step)
         return True

@@ -130,7 +130,8 @@ def test_collect_study_table_from_metrics_jsonl_only(tmp_path) -> None:
 
 # The study command with tiny steps (the CI smoke): 2 cells of the committed grid.
 SMOKE = ["train.steps=2", "train.warm_start_steps=2", "train.rollout_batch_size=4", "train.group_size=4",
-         "train.micro_batch_size=16", "data.num_eval=8", "train.eval_interval=1", "checkpoint.save_interval=1"]
+         "train.micro_batch_size=16", "data.num_eval=8", "train.eval_interval=1", "checkpoint.save_interval=1",
+         "train.warm_start_check_samples=8"]  # the study's warm start to a criterion, capped at 2 steps here
 SMOKE_CELLS = "core-grpo-n0-s1,core-minpro-n2-s1"
 
 
@@ -177,6 +178,8 @@ def test_study_smoke_killed_sweep_resumes_and_cells_own_checkpoints(tmp_path) ->
         for col in ("acc_start", "acc_final", "acc_best", "reward_auc", "kl_k3", "clip_high", "rho_min_mean"):
             assert math.isfinite(float(r[col])), (r["method"], col, r[col])
     assert "2 of 2 cells finished; 0 pending" in (out / "sweep_table.md").read_text()
+    # 2 warm-start steps cannot reach the study's criterion: both cells are flagged as capped
+    assert "in 2 run(s): core-grpo-n0-s1, core-minpro-n2-s1." in (out / "sweep_table.md").read_text()
     for png in ("sweep_eval_accuracy.png", "sweep_rollout_reward_mean.png", "sweep_accuracy_vs_staleness.png"):
         assert (out / png).stat().st_size > 5000
 
