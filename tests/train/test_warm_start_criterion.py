@@ -64,7 +64,7 @@ def _run(out: str, overrides: list[str], stop_file: str | None = None, stop_afte
     if finished:
         trainer.run()
     trainer.close()
-    if finished:
+    if finished and trainer.rank == 0:
         write_run_summary(out)
     return {"resumed_at": resumed_at, "finished": finished, "steps": trainer.warm_step, "checks": trainer.warm.checks,
             "met": trainer.warm.met, "cap_hit": trainer.warm.cap_hit, "digest": digest, "rl_step": trainer.rl_step}
@@ -180,3 +180,14 @@ def test_a_threshold_above_one_is_a_config_error() -> None:
     cfg = load_config(TINY, ["train.warm_start_until_accuracy=0.1", "train.warm_start_steps=0"])
     with pytest.raises(ConfigError, match=r"needs train\.warm_start_steps >= 1: it is the cap"):
         cfg.validate(world_size=1)
+
+
+def test_the_check_is_collective_over_data_parallel_ranks(tmp_path) -> None:
+    """EP2 x DP2 (experts span the DP ranks, so generation is collective); 5 check prompts do not split over
+    2 ranks (the last is padded): every rank takes the same decision at every check."""
+    over = ["parallel.expert=2", "train.warm_start_until_accuracy=0.9", "train.warm_start_steps=5",
+            "train.warm_start_check_interval=5", "train.warm_start_check_samples=5", "train.steps=1"]
+    r0, r1 = run_multiprocess(_run, 2, str(tmp_path / "run"), over, timeout=900)
+    assert r0["checks"] == r1["checks"] and [s for s, _ in r0["checks"]] == [0, 5], (r0, r1)
+    assert all(v == round(v * 5) / 5 for _, v in r0["checks"]), r0  # fractions of the 5 prompts, not of 6
+    assert r0["steps"] == r1["steps"] == 5 and r0["cap_hit"] and r1["cap_hit"] and r0["rl_step"] == r1["rl_step"] == 1
