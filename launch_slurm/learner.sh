@@ -16,6 +16,13 @@ if [ -n "${SLURMD_NODENAME:-}" ]; then
   RDZV_CONF=(--rdzv-conf="is_host=$([ "$SLURMD_NODENAME" = "$MASTER_ADDR" ] && echo true || echo false)")
 fi
 
+# Slurm's TERM (scancel, preemption) reaches torchrun and every rank at once: the ranks finish their step,
+# save and exit (train/stop.py), while torchrun passes the TERM on and then waits for them. It would SIGKILL
+# them after 30 s; Slurm's own SIGKILL, KillWait seconds after its TERM, is the bound that counts, so
+# torchrun waits as long as Slurm lets it (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, read by torch 2.14's launcher; a
+# torchrun that does not read it keeps 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-86400}
+
 # c10d rendezvous: no fixed node ranks and no sleeps; every node waits for the others at the endpoint
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes="$N_LEARNER" \

@@ -7,6 +7,14 @@
   is at most n versions old; older ones are dropped or their prompts requeued (rollout/buffer.py).
 
 Both are collective (every rank calls them in the same order) and checkpoint what they hold.
+
+Rollouts lost at a stop (Slurm's TERM reaches the rollout servers with the learner, train/trainer.py):
+``abort_step`` undoes a ``next_batch`` whose generation failed (nothing of the step is kept: the prompt
+stream and the pending batches are as before it), ``drop_inflight`` forgets the later steps' batches
+whose generation failed after the update (their prompts go back to the stream). Exact delay then has a
+hole in its pending batches: the resumed run generates each missing batch, in step order and from the
+same prompts, with its live weights (staleness below n for those steps only; counted in
+``rollout/regenerated_batches``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,14 @@ class BatchSource(Protocol):
         """Collect the generations started for later steps (before the weights change)."""
         ...
 
+    def abort_step(self) -> None:
+        """``next_batch`` failed: back to the state before it (prompt stream, pending batches)."""
+        ...
+
+    def drop_inflight(self) -> None:
+        """``join`` failed: forget the generations in flight; their prompts go back to the stream."""
+        ...
+
     def metrics(self) -> dict[str, float]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -43,20 +59,36 @@ class ExactDelaySource:
         self.schedule: ExactDelaySchedule[Group] = ExactDelaySchedule(n)
         self.rollouts, self.stream, self.batch_size = rollouts, stream, batch_size
         self._inflight: list[tuple[int, StartedRollout]] = []
+        self._regenerated: dict[int, int] = {}  # target step -> the version that generated it again (a stop lost it)
+        self.regenerated_batches = 0
+        self._before: dict[str, Any] | None = None  # stream and pending batches before next_batch (abort_step)
+        self._before_inflight: dict[str, int] | None = None  # the stream before the first in-flight take
 
     def next_batch(self, step: int) -> tuple[list[Group], RolloutStats]:
+        n = self.schedule.n
+        self._before = {"stream": self.stream.state_dict(), "schedule": self.schedule.state_dict(),
+                        "regenerated": dict(self._regenerated)}
+        self._before_inflight = None
         stats = RolloutStats()
-        for target in self.schedule.steps_to_generate(step):
-            if target in self.schedule.pending_steps:  # restored from a checkpoint
+        # Step s holds the batches of steps s..s+n once this returns: normally only s + n is new (all of 0..n
+        # at step 0); a batch a stop lost is generated now, in step order, by the live version s.
+        for target in range(step, step + n + 1):
+            if target in self.schedule.pending_steps:
                 continue
+            if target != self.schedule.steps_to_generate(step)[-1] and step > 0:
+                self._regenerated[target] = step
+            if target != step and self._before_inflight is None:
+                self._before_inflight = self.stream.state_dict()
             started = self.rollouts.start(self.stream.take(self.batch_size))
-            if target == step:  # needed now (n = 0, or the first step)
+            if target == step:  # needed now (n = 0, the first step, or lost at a stop)
                 groups, s = self.rollouts.finish(started)
                 stats += s
                 self.schedule.put(target, groups)
             else:  # a later step's batch: generated while this step trains
                 self._inflight.append((target, started))
-        return self.schedule.take(step), stats
+        if step in self._regenerated:
+            self.regenerated_batches += 1
+        return self.schedule.take(step, self._regenerated.pop(step, None)), stats
 
     def join(self) -> RolloutStats:
         stats = RolloutStats()
@@ -67,15 +99,33 @@ class ExactDelaySource:
         self._inflight = []
         return stats
 
+    def abort_step(self) -> None:
+        assert self._before is not None
+        self.stream.load_state_dict(self._before["stream"])
+        self.schedule.load_state_dict(self._before["schedule"])
+        self._regenerated = self._before["regenerated"]
+        self._inflight = []
+
+    def drop_inflight(self) -> None:
+        if self._before_inflight is not None:
+            self.stream.load_state_dict(self._before_inflight)
+        for target, _ in self._inflight:
+            self._regenerated.pop(target, None)
+        self._inflight = []
+
     def metrics(self) -> dict[str, float]:
-        return {}
+        return {"rollout/regenerated_batches": float(self.regenerated_batches)} if self.regenerated_batches else {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pending": {str(k): [g.to_state() for g in v] for k, v in self.schedule.state_dict()["pending"].items()}}
+        return {"pending": {str(k): [g.to_state() for g in v] for k, v in self.schedule.state_dict()["pending"].items()},
+                "regenerated": {str(k): v for k, v in self._regenerated.items()},
+                "regenerated_batches": self.regenerated_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pending = {int(k): [Group.from_state(g) for g in v] for k, v in state.get("pending", {}).items()}
         self.schedule.load_state_dict({"n": self.schedule.n, "pending": pending})
+        self._regenerated = {int(k): int(v) for k, v in state.get("regenerated", {}).items()}
+        self.regenerated_batches = int(state.get("regenerated_batches", 0))
 
 
 class BoundedAgeSource:
@@ -84,8 +134,12 @@ class BoundedAgeSource:
         self.rollouts, self.stream, self.batch_size = rollouts, stream, batch_size
         self.dp = rollouts.dp
         self._inflight: list[StartedRollout] = []
+        self._before: dict[str, Any] | None = None  # stream and buffer before next_batch (abort_step)
+        self._before_inflight: dict[str, int] | None = None  # the stream before the run-ahead take
 
     def next_batch(self, step: int) -> tuple[list[Group], RolloutStats]:
+        self._before = {"stream": self.stream.state_dict(), "buffer": self.buffer.state_dict()}
+        self._before_inflight = None
         stats = RolloutStats()
         need = self.batch_size // self.dp.size
         taken: list[Group] = []
@@ -110,6 +164,7 @@ class BoundedAgeSource:
         # Run ahead: the next batch is generated while this step trains (with SGLang, concurrently); its
         # tokens are at least one version old when consumed, admitted while within n versions.
         if self.dp.any(len(self.buffer) < need):
+            self._before_inflight = self.stream.state_dict()
             self._inflight.append(self.rollouts.start(self.stream.take(self.batch_size)))
         return taken, stats
 
@@ -121,6 +176,17 @@ class BoundedAgeSource:
             stats += s
         self._inflight = []
         return stats
+
+    def abort_step(self) -> None:
+        assert self._before is not None
+        self.stream.load_state_dict(self._before["stream"])
+        self.buffer.load_state_dict(self._before["buffer"])
+        self._inflight = []
+
+    def drop_inflight(self) -> None:
+        if self._before_inflight is not None:
+            self.stream.load_state_dict(self._before_inflight)
+        self._inflight = []
 
     def metrics(self) -> dict[str, float]:
         """Cumulative counts of stale groups over all DP ranks."""

@@ -5,14 +5,16 @@
 and sglang-router from launch_slurm/rollout.sh; the trainer attaches through the URL files, pushes its
 weights into both servers after every step with the distributed transport (a gloo group whose store is
 at the learner node's address), compares each server's log-probs with its own (probe), and the job ends
-COMPLETED with TensorBoard event files. The second test (item 2, skipped until fixed: see its marker)
-is scancel of that job mid-run leaving a checkpoint, and the resubmitted job resuming from it with
-servers synced to the resumed step and probed before the first generation. Budget: <= 6 minutes on 2 cores (measured in the module's
+COMPLETED with TensorBoard event files. The second test (item 2) is scancel of that job mid-run leaving
+a checkpoint of its last step, and the resubmitted job resuming from it with servers synced to the
+resumed step and probed before the first generation. Budget: <= 6 minutes on 2 cores (measured in the module's
 report line); the cluster fixture is shared with the other tests/slurm modules.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 from pathlib import Path
 
@@ -102,27 +104,60 @@ def test_learner_node_and_cpu_rollout_node_end_to_end(slurm_env, tmp_path, tiny_
     assert (run / "output" / "summary.md").is_file()
 
 
-@pytest.mark.skip(reason="issue 13 item 2, open: scancel sends TERM to the rollout step too, the SGLang servers die "
-                  "at once, the trainer's in-flight generation fails (router 503, then connection refused) and "
-                  "torchrun exits 1 before the step ends, so no checkpoint is written (measured 15:49 UTC run)")
+def _metrics_rows(run: Path) -> list[dict]:
+    f = run / "output" / "tb" / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+
+
 def test_scancel_then_resubmit_resumes_with_synced_servers(slurm_env, tmp_path, tiny_hf):
+    """Issue 13 item 2: scancel while the learner is mid-run. Slurm's TERM reaches every process of the job at
+    once, so the SGLang servers die while the learner's step is in flight; the learner completes what it can
+    without them (train/trainer.py _stop_tolerant) and saves its last complete step. The resubmitted job
+    resumes from that checkpoint and syncs the fresh servers to it (probe) before its first generation."""
     run = tmp_path / "run"
     (job,) = submit_job(run, *multinode_args(tiny_hf, "train.steps=12"))
     wait_for(lambda: len(_rl_steps(run)) >= 2, 900, "two RL steps")
     slurm_env._client(["scancel", job])
     assert slurm_env.wait_job(job, timeout=120) == "CANCELLED"
-    tracker = run / "checkpoints" / "latest_checkpointed_iteration.txt"
-    saved = int(tracker.read_text())  # the trainer saved on SIGTERM before exiting
-    assert 2 <= saved < 12, read_log(run)
+    log = read_log(run)
+    ckpts = run / "checkpoints"
+    tracker = ckpts / "latest_checkpointed_iteration.txt"
+    assert tracker.is_file(), log
+    saved = int(tracker.read_text())  # the trainer finished its step and saved on SIGTERM before exiting
+    done = _rl_steps(run)
+    # the checkpoint is of the last RL step the cancelled job completed (logged), and it is complete:
+    # committed under its final name, nothing left in staging
+    assert 2 <= saved < 12 and done[-1] == saved, (saved, done, log)
+    assert (ckpts / f"iter_{saved:07d}").is_dir() and not list(ckpts.glob("*.tmp")), sorted(ckpts.iterdir())
+    assert f"stop requested (SIGTERM): saving at RL step {saved}" in log, log
+    # where the servers died before the step's generation of later batches was joined, that batch is lost and
+    # the resumed run generates it again (from the same prompts) with its live weights: staleness 0 once
+    lost = "the generation of the later steps' batches failed" in log
     # resubmitted: new ports and a new per-job key (both may change on resume), same run directory
     (job2,) = submit_job(run, *multinode_args(tiny_hf, "train.steps=12"))
     assert slurm_env.wait_job(job2, timeout=900) == "COMPLETED", read_log(run)
     log = read_log(run)
-    assert f"resuming from {run / 'checkpoints'} (iteration {saved})" in log
-    # the fresh servers booted step-0 weights; the resumed trainer pushed step `saved` and probed them first
-    assert f"[sglang] 2 attached server(s) synced to step {saved} before the first generation" in log
+    assert f"resuming from {ckpts} (iteration {saved})" in log
+    assert f"resumed from {ckpts} at RL step {saved}" in log
+    # the fresh servers booted step-0 weights; the resumed trainer pushed step `saved` into both and probed
+    # them before its first generation (fp32: the probe matches the learner exactly)
+    m = re.search(rf"\[sglang\] 2 attached server\(s\) synced to step {saved} before the first generation; "
+                  r"probe max \|logp diff\| (\S+) on 2 server\(s\)", log)
+    assert m and float(m.group(1)) < 1e-4, log
+    fleet = run / "rollout" / job2
+    for i in (0, 1):
+        server_log = (fleet / f"server-node2-{i}.log").read_text()
+        served = server_log[server_log.index("The server is fired up and ready to roll"):]  # after SGLang's warm-up
+        first_sync = served.find("POST /update_weights_from_distributed")
+        assert 0 <= first_sync < served.find("POST /generate"), served[:3000]
     assert int(tracker.read_text()) == 12
     steps = _rl_steps(run)
-    assert steps[-(12 - saved):] == list(range(saved + 1, 13)), steps
+    assert steps == list(range(1, 13)), steps  # the RL step continued from `saved`; nothing logged twice
+    rows = {r["step"]: r for r in _metrics_rows(run) if "rollout/reward_mean" in r}
+    # exact delay n=1 across the resume: the batch generated before the cancel came back with the checkpoint,
+    # or (lost with the servers) was generated again by the resumed weights
+    assert rows[saved + 1]["rollout/staleness_mean"] == (0.0 if lost else 1.0), (lost, rows[saved + 1])
+    assert rows[saved + 1].get("rollout/regenerated_batches", 0.0) == (1.0 if lost else 0.0)
+    assert all(rows[s]["rollout/staleness_mean"] == 1.0 for s in range(saved + 2, 13))
     sync = read_scalars(run / "output" / "tb")["sync/verify_max_abs_logprob_diff"]
     assert max(v for s, v in sync if s > saved) < 1e-4
