@@ -6,9 +6,10 @@ array tasks is the multi-node job of tests/slurm/test_multinode_sglang_job.py (a
 127.0.0.2, a real SGLang CPU server and sglang-router on node2 = 127.0.0.3 started by rollout.sh), with its
 own run directory, URL files and API key; the trainer attaches to its task's server, pushes its weights
 every step with the distributed transport and probes them. The collector job (afterany on the array) runs
-the default `minpro_megatron.sweep collect` and writes the sweep table (md + csv) and plots. Tasks run one
-after another (slurm.exclusive, the default: each takes both nodes); one server per rollout node keeps
-the test near 2 x the single job's start-up cost. Every setting the test relies on is an explicit override
+the default `minpro_megatron.sweep collect` and writes the sweep table (md + csv) and plots. The two tasks
+run at the same time on the same two nodes (slurm.exclusive=false, one CPU each), so their servers and
+routers share node2's address and must not share a port (task k shifts its ports); one server per
+rollout node keeps the memory and start-up cost near the single job's. Every setting the test relies on is an explicit override
 (backend, loss, ports, transport), not the example config's defaults.
 """
 
@@ -41,6 +42,7 @@ def sweep_args(model: Path) -> tuple[int, int, list[str]]:
     return base, router, [
         "sweep", TINY, *QUICK, f"model.hf_path={model}", "parallel.tensor=2", "loss.name=grpo",
         "slurm.program=train", "slurm.gpus_per_node=0", "slurm.procs_per_node=2", "slurm.time=00:15:00",
+        "slurm.exclusive=false", "slurm.cpus_per_node=1",  # both tasks at once, sharing the two nodes
         "slurm.rollout_servers_per_node=1", "rollout.backend=sglang", "rollout.use_router=true",
         "rollout.server_device=cpu", "rollout.server_dtype=float32", "rollout.weight_transport=distributed",
         "rollout.verify_threshold=1e-4", "rollout.staleness.mode=exact", f"rollout.base_port={base}",
@@ -116,6 +118,10 @@ def test_sweep_array_of_sglang_jobs_then_collector_table(slurm_env, tmp_path, ti
         assert [v for _, v in scalars["sync/verify_probed_servers"]] == [1.0] * len(STEPS)
         assert max(v for _, v in scalars["sync/verify_max_abs_logprob_diff"]) < 1e-4
         assert [v for _, v in scalars["rollout/staleness_mean"]] == [0.0, 1.0, 1.0]
+    # the tasks really ran at once (else the port shift above was not exercised): both began before either ended
+    begun = [(run / "runs" / n / "overrides.txt").stat().st_mtime for n, _ in TASKS]
+    ended = [(run / "runs" / n / "output" / "summary.md").stat().st_mtime for n, _ in TASKS]
+    assert max(begun) < min(ended), (begun, ended)
     # the collector: after both tasks (afterany), default command, one row per task with finite values
     assert slurm_env.job_state(collector) == "COMPLETED", log
     table_md, table_csv = run / "sweep_table.md", run / "sweep_table.csv"
