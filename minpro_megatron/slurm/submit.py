@@ -148,12 +148,21 @@ def _python(cfg: RunConfig) -> str:
     return "python" if cfg.slurm.container_image else sys.executable
 
 
-def _rollout_block(cfg: RunConfig, layout: JobLayout, container: str) -> str:
-    """The rollout part of job.sbatch; ``container`` is ' "${CONTAINER[@]}"' or ''."""
+def _rollout_block(cfg: RunConfig, layout: JobLayout, container: str, array: bool = False) -> str:
+    """The rollout part of job.sbatch; ``container`` is ' "${CONTAINER[@]}"' or ''; ``array``: a sweep's
+    job array, whose task k shifts its ports (``_array_ports``)."""
     if not layout.rollout_nodes:
         return ""
     s, r = cfg.slurm, cfg.rollout
     router = r.use_router
+    base_port, router_port = str(r.base_port), str(r.router_port) if router else ""
+    ports_note = ""
+    if array and r.base_port:
+        # array tasks sharing a node (slurm.exclusive=false) must not share ports; checked by _array_ports
+        base_port = f"$(({r.base_port} + SLURM_ARRAY_TASK_ID * {layout.num_servers}))"
+        router_port = f"$(({r.router_port} + 2 * SLURM_ARRAY_TASK_ID))" if router else ""
+        ports_note = (f"\n# Array task k serves on base port + k x {layout.num_servers} and runs the router on router "
+                      "port + 2k (+1: its metrics): tasks that share a node never share a port.")
     in_env = f'srun --overlap --nodes=1 --ntasks=1 --nodelist="${{NODES[0]}}"{container} ' if container else ""
     server_args = ["--dtype", r.server_dtype, "--weight-version", "0"]  # the learner's step 0
     if r.server_max_total_tokens:
@@ -163,10 +172,10 @@ def _rollout_block(cfg: RunConfig, layout: JobLayout, container: str) -> str:
     router_url = '\nOVERRIDES+=("rollout.router_url=$(cat "$ROLLOUT_DIR/router_url.txt")")' if router else ""
     return f"""
 # Rollout fleet (rollout.sh): {layout.servers_per_node} SGLang server(s) of TP {layout.rollout_tp} on each of the last {layout.rollout_nodes} node(s){router_note}.
-# The learner gets their URLs as rollout.server_urls once every one answers /health.
+# The learner gets their URLs as rollout.server_urls once every one answers /health.{ports_note}
 export ROLLOUT_MODEL={_q(cfg.model.hf_path)} ROLLOUT_TP={layout.rollout_tp} SERVERS_PER_NODE={layout.servers_per_node}
-export ROLLOUT_BASE_PORT={r.base_port} SERVER_MODULE={_q(s.rollout_server_module)} ROLLOUT_DEVICE={r.server_device}
-export ROUTER_PORT={r.router_port if router else ""} ROUTER_POLICY={_q(r.router_policy)}
+export ROLLOUT_BASE_PORT={base_port} SERVER_MODULE={_q(s.rollout_server_module)} ROLLOUT_DEVICE={r.server_device}
+export ROUTER_PORT={router_port} ROUTER_POLICY={_q(r.router_policy)}
 ROLLOUT_NODES=$(IFS=,; echo "${{NODES[*]:N_LEARNER}}")
 ROLLOUT_DIR=$RUN_DIR/rollout/$SLURM_JOB_ID
 mkdir -p "$ROLLOUT_DIR"
@@ -220,10 +229,29 @@ def _check_slurm_rules(cfg: RunConfig) -> None:
     check_job_fields(cfg)  # every value written unquoted into the job files
 
 
+def _array_ports(cfg: RunConfig, layout: JobLayout, n_tasks: int) -> None:
+    """Task k of a sweep array serves on base_port + k * servers and routes on router_port + 2k (+1 metrics):
+    every port must exist, and where tasks may share nodes the two ranges must not meet."""
+    r = cfg.rollout
+    if not layout.rollout_nodes or not r.base_port or n_tasks < 2:
+        return
+    servers = range(r.base_port, r.base_port + n_tasks * layout.num_servers)
+    routers = range(r.router_port, r.router_port + 2 * n_tasks) if r.use_router else range(0)
+    top = max(servers[-1], routers[-1] if routers else 0)
+    if top > 65535:
+        raise ConfigError(f"a sweep of {n_tasks} tasks needs ports up to {top} (task k: rollout.base_port + k x "
+                          f"{layout.num_servers} servers, rollout.router_port + 2k): lower rollout.base_port / router_port")
+    if not cfg.slurm.exclusive and routers and servers.start < routers.stop and routers.start < servers.stop:
+        raise ConfigError(f"rollout.router_port={r.router_port}: the routers of {n_tasks} array tasks (ports "
+                          f"{routers.start}-{routers.stop - 1}) meet their servers' ports ({servers.start}-{servers.stop - 1}), "
+                          "and slurm.exclusive=false lets tasks share a node: move rollout.router_port outside that range")
+
+
 def build_job(cfg: RunConfig, run_dir: Path, command: str, tasks: list[SweepTask] | None = None) -> JobFiles:
     """Check the layout and render every file of the job (nothing is written or submitted)."""
     _check_slurm_rules(cfg)
     layout = plan_layout(cfg)
+    _array_ports(cfg, layout, len(tasks or []))
     s = cfg.slurm
     run_dir = run_dir.resolve()
     check_run_dir(str(run_dir))
@@ -238,7 +266,7 @@ def build_job(cfg: RunConfig, run_dir: Path, command: str, tasks: list[SweepTask
         "master_port": f"$(({s.master_port} + SLURM_JOB_ID % 1000))",
         "summary": "\n".join(f"# {line}" for line in summary), "setup": _setup_lines(cfg),
         "srun_flags": _cpus(cfg) + container, "container_setup": _container_setup(cfg), "program": " ".join(_q(a) for a in program),
-        "rollout_block": _rollout_block(cfg, layout, container), "after_learner": _after_learner(cfg, layout),
+        "rollout_block": _rollout_block(cfg, layout, container, array=bool(tasks)), "after_learner": _after_learner(cfg, layout),
     }
     files: dict[str, str] = {}
     if tasks:

@@ -54,6 +54,7 @@ def read_run_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def _run_info(run_dir: Path) -> dict | None:
+    name = run_dir.name  # a Slurm array task's name is its folder's, not "output"
     if not (run_dir / "config.yaml").is_file() and (run_dir / "output").is_dir():
         run_dir = run_dir / "output"  # a Slurm array task: RUN_DIR/output is the trainer's output dir
     cfg_file = run_dir / "config.yaml"
@@ -74,7 +75,7 @@ def _run_info(run_dir: Path) -> dict | None:
         "method": method,
         "staleness": int(cfg["rollout"]["staleness"]["n"]),
         "seed": int(cfg["train"]["seed"]),
-        "name": run_dir.name,
+        "name": name,
         "wall_s": float(done.get("wall_s", math.nan)),
         "load_1min": float(done.get("loadavg_start", [math.nan])[0]),
         "scalars": read_run_scalars(run_dir),
