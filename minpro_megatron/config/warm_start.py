@@ -27,7 +27,7 @@ def check_warm_start(t: Any) -> None:
     if t.warm_start_steps < 1:
         raise ConfigError(
             f"train.warm_start_until_accuracy={goal:g} needs train.warm_start_steps >= 1: it is the cap on the warm "
-            "start's length (e.g. train.warm_start_steps=600)"
+            "start's length (e.g. train.warm_start_steps=600); for no warm start set train.warm_start_until_accuracy=0 too"
         )
     if t.warm_start_check_interval < 1:
         raise ConfigError(

@@ -129,9 +129,11 @@ def _title(label: str, desc: dict[str, str]) -> str:
             f"{desc['optimizer']}\nwarm start {desc['warm start']}; model {desc['model']}")
 
 
-def where_to_look(run_dir: str | Path) -> str:
-    """The lines a finished run prints: its held-out accuracy, then where its files are."""
+def where_to_look(run_dir: str | Path, checkpoint_dir: str | Path | None = None) -> str:
+    """The lines a finished run prints: its held-out accuracy, then where its files are (``checkpoint_dir``:
+    checkpoint.dir where it is set, else RUN_DIR/checkpoints)."""
     run_dir = Path(run_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoints"
     acc = read_scalars(run_dir / "tb").get("eval/accuracy", [])
     lines = [f"greedy held-out accuracy: {acc[0][1]:.3f} (step {acc[0][0]}) -> {acc[-1][1]:.3f} (step {acc[-1][0]})"] if acc else []
     return "\n".join([
@@ -139,7 +141,7 @@ def where_to_look(run_dir: str | Path) -> str:
         f"summary:     {run_dir / 'summary.md'}",
         f"plot:        {run_dir / 'plot.png'}",
         f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
-        f"checkpoints: {run_dir / 'checkpoints'} (a second run of the same command resumes from the last one)",
+        f"checkpoints: {checkpoint_dir} (a second run of the same command resumes from the last one)",
     ])
 
 

@@ -96,6 +96,9 @@ class RouterAdmin:
         return bool(ids)
 
 
+ROUTER_HEALTH_ARGS = ("--health-check-timeout-secs", "30", "--health-failure-threshold", "10")
+
+
 class RouterProcess:
     """``python -m sglang_router.launch_router`` on 127.0.0.1, stopped by PID."""
 
@@ -137,6 +140,10 @@ class RouterProcess:
             "--host", self.host, "--port", str(self.port), "--policy", self.policy,
             "--prometheus-host", self.host, "--prometheus-port", str(self.metrics_port),
             "--log-level", "warn",
+            # sglang-router drops a worker after 3 health checks of 5 s fail: a CPU server starved by other work
+            # (measured: a demo beside the test suite) then leaves a one-server fleet with no worker at all. Our
+            # ServerPool monitor restarts dead servers and the fleet holds them out, so the router may be patient.
+            *ROUTER_HEALTH_ARGS,
         ]  # fmt: skip
         if self.initial_workers:
             cmd += ["--worker-urls", *self.initial_workers]

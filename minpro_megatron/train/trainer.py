@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from minpro_megatron.metrics.run_summary import where_to_look, write_run_summary
 
                 write_run_summary(Path(cfg.logging.output_dir))
-                print(where_to_look(cfg.logging.output_dir), flush=True)
+                print(where_to_look(cfg.logging.output_dir, cfg.checkpoint.dir), flush=True)
         finally:
             trainer.close()
     finally:

@@ -30,6 +30,7 @@ QUICK = [
     "train.group_size=4",
     "train.micro_batch_size=8",
     "train.warm_start_steps=2",
+    "train.warm_start_until_accuracy=0",  # exactly 2 steps (the embedded default stops at a criterion)
     "train.steps=3",
     "data.num_eval=16",
     "train.eval_interval=3",

@@ -160,7 +160,11 @@ def _reference_fixed(out: str, warm_steps: int, rl_steps: int) -> list[dict]:
 
 
 def test_default_off_is_the_fixed_steps_loop(tmp_path) -> None:
-    assert load_config(TINY).train.warm_start_until_accuracy == 0.0  # off unless asked for
+    from minpro_megatron.config import TrainConfig
+
+    # off unless asked for (the embedded default asks for it; QUICK turns it off again)
+    assert TrainConfig().warm_start_until_accuracy == 0.0
+    assert load_config(TINY, QUICK).train.warm_start_until_accuracy == 0.0
     (nll,) = run_multiprocess(_reference_fixed, 1, str(tmp_path / "ref"), 6, 2, timeout=600)
     (r,) = run_multiprocess(_run, 1, str(tmp_path / "off"), ["train.warm_start_steps=6", "train.steps=2"], timeout=600)
     assert r["steps"] == 6 and r["checks"] == [] and not r["cap_hit"], r
