@@ -9,11 +9,12 @@ rank 0; this mirrors that function with torch APIs only, so the learner does not
 from __future__ import annotations
 
 import datetime
+import socket
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-__all__ = ["host_update_store", "init_update_group", "destroy_update_group"]
+__all__ = ["check_local_address", "host_update_store", "init_update_group", "destroy_update_group"]
 
 
 def host_update_store(master_address: str, master_port: int | None, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
@@ -23,10 +24,25 @@ def host_update_store(master_address: str, master_port: int | None, world_size: 
     it between choosing a port and listening on it (a free-port probe followed by a later bind lost that
     race under load; torch's store listens on every interface, so a probe of one address could also miss
     a port taken on another)."""
+    check_local_address(master_address)
     return dist.TCPStore(
         master_address, master_port or 0, world_size, is_master=True,
         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False, multi_tenant=True,
     )
+
+
+def check_local_address(address: str) -> None:
+    """Fail at once, naming the setting, when ``address`` is not one of this host's: the store listens here
+    and rank 0 connects to it too, so torch would otherwise wait out its whole connect timeout."""
+    try:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"rollout.weight_sync_master_address={address!r} is not an address of this host "
+            f"({exc.strerror}); rank 0 hosts the weight-update group: use this node's IP, or leave it unset"
+        ) from exc
 
 
 def init_update_group(

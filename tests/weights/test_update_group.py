@@ -82,3 +82,19 @@ def test_host_store_holds_its_os_chosen_port_on_every_interface():
         except OSError:
             taken = True
     assert taken
+
+
+def test_master_address_not_on_this_host_fails_at_once_naming_the_setting() -> None:
+    # torch would wait out its whole connect timeout on an address no interface here holds (CI: 20 s, then
+    # a bare "client socket has timed out"); the check answers before any server is told anything.
+    import time
+
+    import pytest
+
+    from minpro_megatron.weights.update_group import check_local_address
+
+    check_local_address("127.0.0.1")  # a local address passes
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match=r"rollout\.weight_sync_master_address='10\.255\.255\.1'.*Cannot assign requested address"):
+        host_update_store("10.255.255.1", None, 2, timeout_s=20)
+    assert time.monotonic() - t0 < 5
