@@ -51,6 +51,23 @@ log = logging.getLogger(__name__)
 class _Retryable(Exception):
     """This attempt failed in a way another attempt (on another endpoint) can fix."""
 
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+# A router answers 503 while it has no worker to send to (a server restarting and held out of it until its
+# weights are synced: tens of seconds); a fixed short back-off would spend every attempt inside that gap.
+UNAVAILABLE_BACKOFF_S = (2.0, 30.0)  # first wait, cap: doubled per attempt
+
+
+def retry_delay(exc: BaseException, attempt: int, backoff_s: float) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: ``backoff_s x attempt``, or doubling waits after 503."""
+    if isinstance(exc, _Retryable) and exc.status == 503:
+        first, cap = UNAVAILABLE_BACKOFF_S
+        return min(cap, first * 2 ** (attempt - 1))
+    return backoff_s * attempt
+
 
 @dataclass
 class BatchStats:
@@ -110,16 +127,20 @@ class RolloutClient:
         self.endpoints = eps
 
     # ---- public API -----------------------------------------------------------------------------
-    def generate_sync(self, prompts: Sequence[Sequence[int]], params: SamplingParams, desc: str = "rollout"):
-        return asyncio.run(self.generate(prompts, params, desc=desc))
+    def generate_sync(self, prompts: Sequence[Sequence[int]], params: SamplingParams, desc: str = "rollout",
+                      stats: BatchStats | None = None):
+        return asyncio.run(self.generate(prompts, params, desc=desc, stats=stats))
 
     async def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams, desc: str = "rollout"
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, desc: str = "rollout",
+        stats: BatchStats | None = None,
     ) -> list[SampleGroup]:
-        """n samples per prompt, in prompt order: result[i][j].prompt_index == i, .sample_index == j."""
+        """n samples per prompt, in prompt order: result[i][j].prompt_index == i, .sample_index == j.
+        ``stats``: filled in for this call (``last_stats`` is the latest call's; generations may overlap)."""
         params.validate()
         prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
-        stats = self.last_stats = BatchStats(prompts=len(prompts))
+        stats = self.last_stats = stats if stats is not None else BatchStats()
+        stats.prompts = len(prompts)
         results: list[SampleGroup | None] = [None] * len(prompts)
         sem = asyncio.Semaphore(self.max_concurrency)
         batch = uuid.uuid4().hex[:8]
@@ -207,7 +228,7 @@ class RolloutClient:
                 if not isinstance(exc, _Retryable):  # the endpoint itself failed: avoid it for a while
                     self._down_until[url] = time.monotonic() + self.endpoint_cooldown_s
                 log.warning("%s; retrying elsewhere", msg)
-                await asyncio.sleep(self.backoff_s * attempt)
+                await asyncio.sleep(retry_delay(exc, attempt, self.backoff_s))
             finally:
                 self._inflight[url] -= 1
         raise RolloutError(
@@ -222,7 +243,7 @@ class RolloutClient:
             text = await resp.text()
             status = resp.status
         if status >= 500 or status == 429:
-            raise _Retryable(f"HTTP {status}: {text[:300]}")
+            raise _Retryable(f"HTTP {status}: {text[:300]}", status)
         if status >= 400:
             raise RolloutError(f"{url}/generate rejected prompt {index} with HTTP {status}: {text[:500]}")
         try:

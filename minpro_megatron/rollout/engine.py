@@ -44,9 +44,10 @@ class SyncStats:
 
 class PendingRollout:
     """A started generation; ``finish`` collects it. ``seconds``: this rank's generation time (with SGLang
-    rank 0's, 0 elsewhere), known once finished."""
+    rank 0's, 0 elsewhere), known once finished; ``retries``: requests that failed and were sent again."""
 
     seconds: float = 0.0
+    retries: int = 0
 
 
 class RolloutEngine(Protocol):

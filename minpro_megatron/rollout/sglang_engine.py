@@ -25,8 +25,9 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from minpro_megatron.parallel.rank0 import broadcast_status, rank0_phase
+from minpro_megatron.parallel.rank0 import Rank0PhaseError, broadcast_status, rank0_phase
 from minpro_megatron.rollout.transfer import broadcast_tensors, decode_groups, encode_groups, gather_prompts
+from minpro_megatron.rollout.client import BatchStats
 from minpro_megatron.rollout.engine import PendingRollout, SyncStats
 from minpro_megatron.rollout.types import SampleGroup, SamplingParams
 
@@ -172,11 +173,13 @@ class SGLangEngine:
 
         def run() -> None:
             t0 = time.perf_counter()
+            stats = BatchStats()
             try:
-                pending.result = self.client.generate_sync(flat, params)
+                pending.result = self.client.generate_sync(flat, params, stats=stats)
             except BaseException as exc:  # surfaced on every rank by finish()
                 pending.error = exc
             pending.seconds = time.perf_counter() - t0
+            pending.retries = stats.retries
 
         pending.thread = threading.Thread(target=run, name="sglang-rollout", daemon=True)
         pending.thread.start()
@@ -204,12 +207,30 @@ class SGLangEngine:
 
     # ---- weights -----------------------------------------------------------------------------------------
     def update_weights(self, version: int) -> SyncStats:
-        """Collective: export the learner's weights and push them into every server as ``version``."""
+        """Collective: export the learner's weights and push them into every server as ``version``. A sync
+        that fails because a server went away meanwhile is done once more with the servers that answer (the
+        fleet holds the lost one out until a later sync reaches it)."""
         if not self.learner.params_finite():  # collective; never publish NaN/inf weights to the servers
             raise RuntimeError(
                 f"the learner's parameters are not finite before the weight sync to step {version}: not publishing them "
                 "(see optim/skipped_updates and train.max_nonfinite_skips)"
             )
+        try:
+            return self._push_and_verify(version)
+        except Rank0PhaseError as exc:
+            from minpro_megatron.parallel.json_collectives import broadcast_json
+
+            lost = self.fleet.servers_down() if self.rank == 0 and self.fleet is not None else []
+            if dist.get_world_size() > 1:
+                lost = broadcast_json(lost if self.rank == 0 else None, src=0)
+            if not lost:
+                raise
+            if self.rank == 0:
+                print(f"[sglang] {', '.join(lost)} went away during the weight sync to step {version} ({exc}); "
+                      "syncing again with the servers that answer", flush=True)
+            return self._push_and_verify(version)
+
+    def _push_and_verify(self, version: int) -> SyncStats:
         buckets = iter(self.exporter.buckets(self.bucket_bytes, transform=self.quantizer))
         pushed = SyncStats(version=version)  # rank 0's push; the other ranks only gather
 

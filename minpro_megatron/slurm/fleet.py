@@ -1,12 +1,17 @@
 """Wait for the rollout fleet of a Slurm job and publish its URLs for the trainer.
 
     python -m minpro_megatron.slurm.fleet wait ROLLOUT_DIR --servers 16 [--router] [--timeout 1800]
+    python -m minpro_megatron.slurm.fleet unroute ROLLOUT_DIR SERVER_URL [--api-key-file F]
 
 Each rollout node writes ``urls-NODE.txt`` (its servers) when it has launched them and ``FAILED-NODE``
 if one exits (see launch_slurm/rollout.sh). This waits until ``--servers`` URLs are listed and every one
 answers GET /health with 200, then writes ``server_urls.txt`` (one URL per line; the job script passes
 them as ``rollout.server_urls``), and with ``--router`` waits for ``router_url.txt`` and the router's
 /health. Polling instead of fixed sleeps: a model load takes from seconds to many minutes.
+
+``unroute`` takes a dead server out of the job's router before rollout.sh restarts it: the restarted process
+boots the job's initial weights, and the router must not send it prompts until the trainer has synced it
+(rollout/fleet.py adds it back after the sync and the probe).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from minpro_megatron.config.base import ConfigError
 from minpro_megatron.serving.auth import bearer, read_key_file
 from minpro_megatron.atomic_io import atomic_write_text
 
-__all__ = ["listed_urls", "healthy", "wait_for_fleet", "main"]
+__all__ = ["listed_urls", "healthy", "wait_for_fleet", "unroute", "main"]
 
 
 def listed_urls(rollout_dir: Path) -> list[str]:
@@ -77,6 +82,20 @@ def wait_for_fleet(rollout_dir: Path, servers: int, router: bool, timeout: float
     return urls
 
 
+def unroute(rollout_dir: Path, server_url: str, api_key: str | None = None) -> bool:
+    """Remove ``server_url`` from the job's router (no router, or not listed: nothing to do); True if removed."""
+    from minpro_megatron.serving.router import RouterAdmin
+
+    url_file = rollout_dir / "router_url.txt"
+    if not url_file.is_file():
+        return False
+    admin = RouterAdmin(url_file.read_text().strip(), api_key=api_key)
+    try:
+        return admin.remove_worker(server_url)
+    finally:
+        admin.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minpro_megatron.slurm.fleet", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -86,11 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--router", action="store_true")
     w.add_argument("--timeout", type=float, default=1800.0)
     w.add_argument("--api-key-file", help="the fleet's API key (rollout/auth.py), sent as Authorization: Bearer")
+    u = sub.add_parser("unroute", help="take a server out of the job's router (before rollout.sh restarts it)")
+    u.add_argument("rollout_dir", type=Path)
+    u.add_argument("server_url")
+    u.add_argument("--api-key-file", help="the fleet's API key (rollout/auth.py)")
     args = ap.parse_args(argv)
     try:
         key = read_key_file(args.api_key_file, "--api-key-file") if args.api_key_file else None
+        if args.cmd == "unroute":
+            removed = unroute(args.rollout_dir, args.server_url, api_key=key)
+            print(f"[fleet] {args.server_url} {'taken out of the router' if removed else 'was not in a router'}", flush=True)
+            return 0
         wait_for_fleet(args.rollout_dir, args.servers, args.router, args.timeout, api_key=key)
-    except (RuntimeError, TimeoutError, ConfigError) as exc:
+    except (RuntimeError, TimeoutError, ConfigError, OSError) as exc:
         print(f"[fleet] ERROR: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -164,7 +164,7 @@ def _rollout_block(cfg: RunConfig, layout: JobLayout, container: str, array: boo
         ports_note = (f"\n# Array task k serves on base port + k x {layout.num_servers} and runs the router on router "
                       "port + 2k (+1: its metrics): tasks that share a node never share a port.")
     in_env = f'srun --overlap --nodes=1 --ntasks=1 --nodelist="${{NODES[0]}}"{container} ' if container else ""
-    server_args = ["--dtype", r.server_dtype, "--weight-version", "0"]  # the learner's step 0
+    server_args = ["--dtype", r.server_dtype]  # rollout.sh labels the weights: 0 (the learner's step 0), or "restarted"
     if r.server_max_total_tokens:
         server_args += ["--max-total-tokens", str(r.server_max_total_tokens)]
     args = " ".join(_q(a) for a in [*server_args, *r.server_extra_args])
@@ -175,7 +175,7 @@ def _rollout_block(cfg: RunConfig, layout: JobLayout, container: str, array: boo
 # The learner gets their URLs as rollout.server_urls once every one answers /health.{ports_note}
 export ROLLOUT_MODEL={_q(cfg.model.hf_path)} ROLLOUT_TP={layout.rollout_tp} SERVERS_PER_NODE={layout.servers_per_node}
 export ROLLOUT_BASE_PORT={base_port} SERVER_MODULE={_q(s.rollout_server_module)} ROLLOUT_DEVICE={r.server_device}
-export ROUTER_PORT={router_port} ROUTER_POLICY={_q(r.router_policy)}
+export ROUTER_PORT={router_port} ROUTER_POLICY={_q(r.router_policy)} ROLLOUT_SERVER_RESTARTS={3 if r.restart_dead_servers else 0}
 ROLLOUT_NODES=$(IFS=,; echo "${{NODES[*]:N_LEARNER}}")
 ROLLOUT_DIR=$RUN_DIR/rollout/$SLURM_JOB_ID
 mkdir -p "$ROLLOUT_DIR"

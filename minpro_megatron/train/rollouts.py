@@ -25,6 +25,7 @@ class RolloutStats:
     generate_s: float = 0.0  # generation time (with SGLang rank 0's; overlapped generation included)
     wait_s: float = 0.0  # time the loop waited for finished generations (the part not overlapped)
     tokens: int = 0  # response tokens generated on this rank
+    retries: int = 0  # requests sent again after a failure (SGLang: rank 0's)
 
     def __add__(self, other: "RolloutStats") -> "RolloutStats":
         return RolloutStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -58,7 +59,7 @@ class Rollouts:
                        for s in samples]
             groups.append(Group(problem, SampleGroup(samples), rewards, group_advantages(rewards, self.advantage_eps)))
         tokens = sum(len(s.response_ids) for g in groups for s in g.samples)
-        return groups, RolloutStats(started.pending.seconds, wait_s, tokens)
+        return groups, RolloutStats(started.pending.seconds, wait_s, tokens, started.pending.retries)
 
     def run(self, problems: Sequence[Problem], shard: bool = True) -> tuple[list[Group], RolloutStats]:
         return self.finish(self.start(problems, shard))

@@ -51,7 +51,8 @@ def rollout_metrics(groups: Sequence[Group], consumed_at: int, dp_group: Any, dp
     versions = [v for g in groups for s in g.samples for v in s.weight_versions]
     local = torch.tensor(
         [sum(rewards), sum(r * r for r in rewards), len(rewards), sum(1.0 for r in rewards if r >= 1.0),
-         sum(lengths), sum(consumed_at - v for v in versions), len(versions), sum(1 for g in groups if len(set(g.rewards)) == 1)],
+         sum(lengths), sum(consumed_at - v for v in versions), len(versions), sum(1 for g in groups if len(set(g.rewards)) == 1),
+         len(groups)],
         dtype=torch.float64,
     )
     t = all_reduce_sum(local, dp_group).tolist()
@@ -64,6 +65,8 @@ def rollout_metrics(groups: Sequence[Group], consumed_at: int, dp_group: Any, dp
         "rollout/response_length": t[4] / n,
         "rollout/staleness_mean": t[5] / max(t[6], 1.0),
         "rollout/zero_adv_group_frac": t[7] / max(len(groups) * dp_size, 1),
+        "rollout/prompts": t[8],  # counted: a prompt lost or answered twice (retries, restarts) shows here
+        "rollout/samples": t[2],
     }
     return out, token_age_histogram(versions, consumed_at)
 

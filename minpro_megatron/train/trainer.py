@@ -167,6 +167,7 @@ class RLTrainer:
         metrics.update({
             "time/rollout_s": rollout.generate_s, "time/rollout_wait_s": rollout.wait_s, "time/train_s": train_s,
             "time/sync_s": timer.seconds["sync"], "time/step_s": timer.seconds["step"],
+            "rollout/request_retries": float(rollout.retries),
             "throughput/train_tokens_per_s": metrics.get("loss/num_tokens", 0.0) / train_s if train_s > 0 else 0.0,
             "throughput/rollout_tokens_per_s": tokens / rollout.generate_s if rollout.generate_s > 0 else 0.0,
         })

@@ -34,7 +34,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -194,6 +194,20 @@ class Transport:
         """Release what prepare() built."""
 
 
+def server_tp_sizes(tp_sizes: Sequence[int] | Mapping[str, int] | None, servers: Sequence[ServerControl], who: str) -> list[int]:
+    """The TP size of each of ``servers``: 1 each, given in their order, or looked up by URL."""
+    if tp_sizes is None:
+        return [1] * len(servers)
+    if isinstance(tp_sizes, Mapping):
+        missing = [s.url for s in servers if s.url not in tp_sizes]
+        if missing:
+            raise ValueError(f"{who}.tp_sizes has no entry for {missing}")
+        return [int(tp_sizes[s.url]) for s in servers]
+    if len(tp_sizes) != len(servers):
+        raise ValueError(f"{who}.tp_sizes has {len(tp_sizes)} entries for {len(servers)} servers")
+    return list(tp_sizes)
+
+
 class DistributedTransport(Transport):
     name = "distributed"
     needs_session = True
@@ -205,19 +219,19 @@ class DistributedTransport(Transport):
         master_port: int | None = None,
         flattened: bool = True,
         timeout_s: float = 300.0,
-        tp_sizes: Sequence[int] | None = None,
+        tp_sizes: Sequence[int] | Mapping[str, int] | None = None,
         device: str | torch.device | None = None,
         overlap: bool = True,
     ):
-        """backend None: nccl when CUDA is available, else gloo. tp_sizes: TP size of each server
-        (default 1 each). device: where buckets are staged for the broadcast (default cuda for nccl)."""
+        """backend None: nccl when CUDA is available, else gloo. tp_sizes: TP size of each server, in the
+        servers' order or by URL (a fleet whose live servers change between syncs; default 1 each). device: where buckets are staged for the broadcast (default cuda for nccl)."""
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.master_address = master_address
         self.master_port = master_port
         self.flattened = flattened
         self.overlap = overlap
         self.timeout_s = timeout_s
-        self.tp_sizes = list(tp_sizes) if tp_sizes is not None else None
+        self.tp_sizes = tp_sizes
         self.device = torch.device(device) if device is not None else torch.device("cuda" if self.backend == "nccl" else "cpu")
         self.pg = None
         self.group_name = ""
@@ -229,9 +243,7 @@ class DistributedTransport(Transport):
             return
         if self.pg is not None:  # server set changed (a restart, a new server): rebuild the group
             self.close([s for s in servers if s.url in self._members])
-        tp = self.tp_sizes or [1] * len(servers)
-        if len(tp) != len(servers):
-            raise ValueError(f"DistributedTransport.tp_sizes has {len(tp)} entries for {len(servers)} servers")
+        tp = server_tp_sizes(self.tp_sizes, servers, "DistributedTransport")
         # rank 0's rendezvous waits for every rank until timeout_s: fail fast on a server that is not up
         down = [s.url for s in servers if not s.healthy(timeout_s=10)]
         if down:
@@ -390,8 +402,8 @@ class TensorTransport(Transport):
     name = "tensor"
     needs_session = True
 
-    def __init__(self, tp_sizes: Sequence[int] | None = None, allow_cpu: bool = False):
-        self.tp_sizes = list(tp_sizes) if tp_sizes is not None else None
+    def __init__(self, tp_sizes: Sequence[int] | Mapping[str, int] | None = None, allow_cpu: bool = False):
+        self.tp_sizes = tp_sizes
         self.allow_cpu = allow_cpu  # only for building payloads in tests; a CPU payload kills a real server
 
     @staticmethod
@@ -415,7 +427,7 @@ class TensorTransport(Transport):
         return [MultiprocessingSerializer.serialize(obj, output_str=True) for _ in range(tp_size)]
 
     def push(self, servers: Sequence[ServerControl], buckets: Iterable[Bucket], version: str) -> TransportStats:
-        tp = self.tp_sizes or [1] * len(servers)
+        tp = server_tp_sizes(self.tp_sizes, servers, "TensorTransport")
         stats = TransportStats()
         t0 = time.perf_counter()
         for i, (bucket, last) in enumerate(with_last(buckets)):

@@ -83,7 +83,7 @@ def test_rollout_fleet_router_and_learner(slurm_env, tmp_path):
     for i in (0, 1):  # each server got its own GPU of the node and the rollout section's server options
         info = (fleet_dir / f"server-node2-{i}.log").read_text()
         assert f"'cuda_visible_devices': '{i}'" in info and "'model_path': 'stub-model'" in info
-        assert "['--dtype', 'float32', '--weight-version', '0', '--mem-fraction-static', '0.5']" in info
+        assert "['--dtype', 'float32', '--mem-fraction-static', '0.5', '--weight-version', '0']" in info
     report = json.loads((run / "output" / "doctor.json").read_text())
     assert report["ok"] and report["nodes"] == ["node1"]  # the learner stays off the rollout node
     assert [s["url"] for s in report["rollout_servers"] if s["ok"]] == urls  # reached from the learner

@@ -141,7 +141,7 @@ def test_job_for_a_cpu_rollout_node_starts_cpu_servers_and_a_clean_router(tmp_pa
     assert "ROLLOUT_DEVICE=cpu" in job and "SERVERS_PER_NODE=2" in job
     rollout_dir = tmp_path / "fleet"
     env, server_args = rollout_env(run, rollout_dir)
-    assert server_args == ["--dtype", "float32", "--weight-version", "0", "--max-total-tokens", "256"]
+    assert server_args == ["--dtype", "float32", "--max-total-tokens", "256"]
     proc = start_rollout_sh(run, rollout_dir, env, server_args)
     try:
         urls = wait_for_fleet(rollout_dir, servers=2, router=True, timeout=120, poll=0.2)
@@ -160,7 +160,7 @@ def test_job_for_a_cpu_rollout_node_starts_cpu_servers_and_a_clean_router(tmp_pa
             assert cmd[cmd.index(STUB) + 1:] == [
                 "--model-path", "stub-model", "--tp-size", "1", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
                 *cpu_server_args(), "--mem-fraction-static", "0.5",  # the job's --max-total-tokens 256 wins
-                "--dtype", "float32", "--weight-version", "0", "--max-total-tokens", "256"]
+                "--dtype", "float32", "--max-total-tokens", "256", "--weight-version", "0"]
             assert senv["SGLANG_USE_CPU_ENGINE"] == "1"
             if not cuda_available():
                 assert senv["PYTHONPATH"].split(os.pathsep)[0] == str(STANDIN_DIR)
@@ -172,6 +172,72 @@ def test_job_for_a_cpu_rollout_node_starts_cpu_servers_and_a_clean_router(tmp_pa
         assert "(cpu)" in log
     finally:
         stop_tree(proc)
+
+
+def _stub_servers(proc: subprocess.Popen) -> dict[str, psutil.Process]:
+    """port -> the stub server process rollout.sh runs on it."""
+    found = {}
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmd = p.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if STUB in cmd:
+            found[cmd[cmd.index("--port") + 1]] = p
+    return found
+
+
+def test_dead_server_leaves_the_router_and_restarts_on_its_port_labelled_restarted(tmp_path):
+    """Issue 13 item 2: a server that dies inside the job is taken out of the router BEFORE rollout.sh starts
+    it again on its port (the new process boots the job's initial weights, labelled "restarted"; the trainer
+    re-syncs it and gives it back to the router, tests/slurm/test_multinode_sglang_job.py). The other server
+    and the router are left alone; the node does not report a failure. STAND-IN servers (slurm/stub_server.py)
+    behind the real sglang-router."""
+    from minpro_megatron.serving.router import RouterAdmin
+
+    run = cpu_rollout_job(tmp_path, "stub-model", STUB, 2)
+    rollout_dir = tmp_path / "fleet"
+    env, server_args = rollout_env(run, rollout_dir)
+    proc = start_rollout_sh(run, rollout_dir, env, server_args)
+    try:
+        urls = wait_for_fleet(rollout_dir, servers=2, router=True, timeout=120, poll=0.2)
+        router = RouterAdmin((rollout_dir / "router_url.txt").read_text().strip())
+        assert sorted(router.worker_urls(healthy_only=False)) == sorted(urls)
+        before = _stub_servers(proc)
+        dead_port, live_port = urls[1].rsplit(":", 1)[1], urls[0].rsplit(":", 1)[1]
+        assert before[dead_port].cmdline()[-2:] == ["--weight-version", "0"]
+        before[dead_port].kill()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            now = _stub_servers(proc)
+            if dead_port in now and now[dead_port].pid != before[dead_port].pid:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError((rollout_dir / "rollout_sh.out").read_text())
+        assert now[dead_port].cmdline()[-2:] == ["--weight-version", "restarted"]
+        assert now[live_port].pid == before[live_port].pid  # the other server kept running
+        assert router.worker_urls(healthy_only=False) == [urls[0]]  # out of the router until the trainer syncs it
+        wait_for_fleet(rollout_dir, servers=2, router=False, timeout=60, poll=0.2)  # it answers /health again
+        log = (rollout_dir / "rollout_sh.out").read_text()
+        assert f"server 1 (127.0.0.1:{dead_port}) exited with 137; restart 1/3 on the same port" in log, log
+        assert f"{urls[1]} taken out of the router" in log, log
+        assert not list(rollout_dir.glob("FAILED-*"))
+        server_log = (rollout_dir / "server-cpunode-1.log").read_text()
+        assert "===== restart 1 (server 1 exited with 137) =====" in server_log
+    finally:
+        stop_tree(proc)
+
+
+def test_rollout_sh_router_waits_out_slow_health_like_the_fleets_router():
+    """The job's router tolerates a CPU-starved server's slow /health exactly as the router the trainer
+    starts itself (serving/router.py)."""
+    from minpro_megatron.serving.router import ROUTER_HEALTH_ARGS
+
+    text = (Path(__file__).resolve().parents[2] / "launch_slurm" / "rollout.sh").read_text()
+    assert f"ROUTER_HEALTH_ARGS=({' '.join(ROUTER_HEALTH_ARGS)})" in text
+    launch = text[text.index("sglang_router.launch_router"):]
+    assert '"${ROUTER_HEALTH_ARGS[@]}"' in launch[:launch.index(">")]
 
 
 @pytest.mark.sglang

@@ -41,7 +41,7 @@ def test_dry_run_qwen3_8b(capsys):
     for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --exclusive", "#SBATCH --requeue",
                  "#SBATCH --signal=B:USR1@120", "#SBATCH --time=24:00:00", "export N_LEARNER=2 NPROC_PER_NODE=8",
                  "--servers 16 --router --timeout 1800", "export NCCL_NVLS_ENABLE=0",
-                 '--dtype bfloat16 --weight-version 0 --mem-fraction-static 0.85 &',
+                 '--dtype bfloat16 --mem-fraction-static 0.85 &',
                  'OVERRIDES+=("rollout.router_url=$(cat "$ROLLOUT_DIR/router_url.txt")")'):
         assert line in out, line
     assert "DOES NOT FIT" not in out

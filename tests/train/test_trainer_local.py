@@ -62,7 +62,9 @@ def test_ep2_dp2_local_backend_writes_every_metric(tmp_path) -> None:
     assert [s for s, _ in scalars["rollout/reward_mean"]] == [1, 2, 3]
     # exact delay n=1: step 1 trains on version 0 (age 0), steps 2 and 3 on versions 1 and 2 (age 1).
     assert [v for _, v in scalars["rollout/staleness_mean"]] == [0.0, 1.0, 1.0]
-    # 8 prompts x 4 samples per step, all trained: every response has at least one token.
+    # 8 prompts x 4 samples per step (counted over both DP ranks), all trained: every response has a token.
+    assert [v for _, v in scalars["rollout/prompts"]] == [8.0] * 3 and [v for _, v in scalars["rollout/samples"]] == [32.0] * 3
+    assert [v for _, v in scalars["rollout/request_retries"]] == [0.0] * 3  # the local engine sends no requests
     assert all(v > 0 for _, v in scalars["loss/num_tokens"])
     assert (out / "summary.md").is_file() and (out / "plot.png").stat().st_size > 10_000
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "3"

@@ -98,3 +98,24 @@ def test_master_address_not_on_this_host_fails_at_once_naming_the_setting() -> N
     with pytest.raises(OSError, match=r"rollout\.weight_sync_master_address='10\.255\.255\.1'.*Cannot assign requested address"):
         host_update_store("10.255.255.1", None, 2, timeout_s=20)
     assert time.monotonic() - t0 < 5
+
+
+def test_tp_sizes_by_url_follow_a_live_set_that_shrinks() -> None:
+    # a fleet of attached servers syncs only those that answer (one may be restarting): the transport's TP
+    # sizes must follow the servers it is given, not the full list it was built with
+    import pytest
+
+    from minpro_megatron.weights.transports import server_tp_sizes
+
+    class S:
+        def __init__(self, url: str) -> None:
+            self.url = url
+
+    a, b = S("http://a:1"), S("http://b:2")
+    assert server_tp_sizes({"http://a:1": 2, "http://b:2": 4}, [b], "T") == [4]
+    assert server_tp_sizes(None, [a, b], "T") == [1, 1]
+    assert server_tp_sizes([2, 4], [a, b], "T") == [2, 4]
+    with pytest.raises(ValueError, match=r"T.tp_sizes has 2 entries for 1 servers"):
+        server_tp_sizes([2, 4], [a], "T")
+    with pytest.raises(ValueError, match=r"no entry for \['http://c:3'\]"):
+        server_tp_sizes({"http://a:1": 2}, [S("http://c:3")], "T")
