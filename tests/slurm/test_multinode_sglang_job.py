@@ -7,7 +7,9 @@ weights into both servers after every step with the distributed transport (a glo
 at the learner node's address), compares each server's log-probs with its own (probe), and the job ends
 COMPLETED with TensorBoard event files. The second test (item 2) is scancel of that job mid-run leaving
 a checkpoint of its last step, and the resubmitted job resuming from it with servers synced to the
-resumed step and probed before the first generation. Budget: <= 6 minutes on 2 cores (measured in the module's
+resumed step and probed before the first generation. The third (item 2) SIGKILLs one SGLang server
+mid-run: restarted by rollout.sh, held out of the router, re-synced and probed by the trainer before it
+serves again, with every prompt answered once (counted). Budget: <= 6 minutes on 2 cores (measured in the module's
 report line); the cluster fixture is shared with the other tests/slurm modules.
 """
 
