@@ -24,7 +24,9 @@ from minpro_megatron.config import RunConfig
 from minpro_megatron.learner.batch import MicroBatch, TrainSample, global_batch_totals, pack_micro_batch, split_micro_batches
 from minpro_megatron.learner.logprobs import capture_output_layer_input, logprobs_from_hidden, prepare_packed_inputs
 from minpro_megatron.learner.model_provider import build_model_chunks, transformer_config_from, unwrap_model
-from minpro_megatron.learner.routing_replay import check_replay_supported, rank_slice, recording, replaying
+from minpro_megatron.learner.routing_replay import (
+    check_replay_supported, gather_recorded, moe_layer_numbers, rank_slice, recording, replaying,
+)
 from minpro_megatron.losses import BatchTotals, policy_loss
 from minpro_megatron.parallel.cp_layout import ZigzagLayout
 from minpro_megatron.parallel.json_collectives import broadcast_json
@@ -89,6 +91,7 @@ class Learner:
         if self.replay_routing:
             check_replay_supported()
         self.routing_log: list[dict[int, torch.Tensor]] | None = None  # set: each forward's recorded routing
+        self.last_routing: list[torch.Tensor] | None = None  # last_token_logits' routing per sequence (replay on)
         self.config = transformer_config_from(
             cfg.model, cfg.parallel, **({"moe_enable_routing_replay": True} if self.replay_routing else {})
         )
@@ -391,7 +394,18 @@ class Learner:
                 dist.all_reduce(full, group=layout.cp_group)
             return torch.zeros((), device=full.device), {"logits": full}
 
-        reports = self._run_schedule([_Forward(inputs)], loss_fn, forward_only=True)
+        log = self.routing_log = [] if self.replay_routing else None  # the local engine's routing (R3)
+        try:
+            reports = self._run_schedule([_Forward(inputs)], loss_fn, forward_only=True)
+        finally:
+            self.routing_log = None
+        if log is not None:
+            self.last_routing = gather_recorded(
+                log, layout, len(moe_layer_numbers(self.config)), self.config.moe_router_topk,
+                tp_size=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+                sequence_parallel=bool(self.config.sequence_parallel),
+                groups=[ps.get_model_parallel_group(), layout.cp_group],
+            )
         return reports[0]["logits"] if self.is_last_stage else None
 
     def _share_from_last_stage(self, obj: Any) -> Any:

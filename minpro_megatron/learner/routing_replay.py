@@ -33,6 +33,7 @@ __all__ = [
     "rank_slice",
     "replaying",
     "recording",
+    "gather_recorded",
 ]
 
 
@@ -167,3 +168,35 @@ def recording(model: torch.nn.Module, out: dict[int, torch.Tensor]) -> Iterator[
         for _, r in routers:
             r.clear_router_replay_action()
             r.clear_indices()
+
+
+def gather_recorded(
+    records: Sequence[dict[int, torch.Tensor]],
+    layout: ZigzagLayout,
+    num_moe_layers: int,
+    topk: int,
+    *,
+    tp_size: int = 1,
+    tp_rank: int = 0,
+    sequence_parallel: bool = False,
+    groups: Sequence[Any] = (),
+) -> list[torch.Tensor]:
+    """What the routers of one forward recorded (``records``: one dict per model chunk of this rank, see
+    ``recording``) -> each sequence's full routing int64 ``[seqlen, L, k]``, identical on every rank.
+
+    Each rank knows its own tokens (CP-local zigzag slice, its SP shard of it) of its own layers (PP stage,
+    virtual chunks); a MAX all-reduce over ``groups`` (TP x PP, then CP) fills in the rest (unknown = -1)."""
+    import torch.distributed as dist
+
+    full = torch.full((layout.total_padded, num_moe_layers, topk), -1, dtype=torch.int64)
+    positions = rank_slice(layout.local_index, tp_size, tp_rank, sequence_parallel)
+    for rec in records:
+        for idx, chosen in rec.items():
+            full[positions, idx] = chosen.to(torch.int64)
+    for group in groups:
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(full, op=dist.ReduceOp.MAX, group=group)
+    full = layout.unpad(full)
+    if bool((full < 0).any()):
+        raise RuntimeError("routing replay: some token's routing was recorded by no rank (a layer or token slice is missing)")
+    return list(torch.split(full, [int(n) for n in layout.seqlens]))

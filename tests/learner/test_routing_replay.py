@@ -5,9 +5,12 @@ megatron-core + gloo.
   megatron's TopKRouter) equal a given random routing for every token and layer, although the routers
   themselves choose differently; the log-probs change accordingly; the learner's own recorded routing,
   replayed, reproduces its log-probs exactly; a train step runs with replay.
+* The local engine (rollout/local_engine.py) records its routing: replayed in the learner it gives exactly
+  the learner's own routing (captured) and log-probs.
 * TP2, EP2, PP2, CP2 (one 2-process launch): log-probs under a replayed random routing equal the
   single-process ones (the indices follow the tokens through the zigzag split, the SP shard and the PP
-  stages' layer numbers).
+  stages' layer numbers), and the local engine's routing, gathered over the ranks, replays to the layout's
+  own log-probs.
 """
 
 from __future__ import annotations
@@ -102,8 +105,9 @@ def single_process(out_dir: str | None) -> dict:
     # the recorded routing of each sample ([tokens, k] per MoE layer) -> payload [tokens, L, k]
     recorded = [torch.stack([rec[l] for l in range(LAYERS)], dim=1).to(torch.uint8) for rec in log]
     own_replayed = learner.score(_with(plain, recorded))
+    engine = local_engine_check(learner)
     step = learner.train_step(given)
-    return {"replayed": replayed, "own": own, "own_replayed": own_replayed, "maps_replay": maps_replay,
+    return {"engine": engine, "replayed": replayed, "own": own, "own_replayed": own_replayed, "maps_replay": maps_replay,
             "maps_own": maps_own, "recorded": recorded, "loss": step.loss, "grad_norm": step.grad_norm}
 
 
@@ -132,6 +136,49 @@ def test_replay_routes_every_token_as_given() -> None:
     assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
 
 
+PROMPTS = [[3, 4, 5], [7, 8, 9, 10, 11], [12, 13]]
+
+
+def local_engine_check(learner) -> dict:
+    """Generate with the local engine (routing recorded), then score the samples without and with replay."""
+    from minpro_megatron.rollout.local_engine import LocalEngine
+    from minpro_megatron.rollout.types import SamplingParams
+    from minpro_megatron.train.groups import train_sample
+
+    engine = LocalEngine(learner, eos_token_id=1, seed=5)
+    groups = engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=6))
+    rollout = [s for g in groups for s in g]
+    with_routing = [train_sample(s, 0.0) for s in rollout]
+    plain = _with(with_routing, [None] * len(with_routing))
+    cap = RouterCapture(learner.model[0])
+    own = learner.score(plain)
+    maps_own = cap.maps
+    cap.maps = {}
+    replayed = learner.score(with_routing)
+    maps_replay = cap.maps
+    cap.close()
+    return {"own": own, "replayed": replayed, "maps_own": maps_own, "maps_replay": maps_replay,
+            "payloads": [s.routed_experts for s in rollout], "lengths": [len(s.prompt_ids) + len(s.response_ids) for s in rollout]}
+
+
+def test_local_engine_routing_replays_to_the_learners_own() -> None:
+    (r,) = run_multiprocess(single_process, 1, None, timeout=600)
+    e = r["engine"]
+    assert len(e["payloads"]) == len(PROMPTS) * 2
+    for p, n in zip(e["payloads"], e["lengths"]):
+        assert p.dtype == torch.uint8 and p.shape == (n - 1, LAYERS, TOPK)
+    # same routing for every scored token; the last token (never input to the engine) takes a fill routing,
+    # which changes the experts' batch shapes, hence float32 rounding: equal to 1e-6, not bit for bit
+    for a, b in zip(e["replayed"], e["own"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for layer in range(1, LAYERS + 1):
+        for i, (p, n) in enumerate(zip(e["payloads"], e["lengths"])):
+            own = e["maps_own"][layer][i][: n - 1]
+            want = torch.zeros(n - 1, EXPERTS, dtype=torch.bool).scatter_(1, p[:, layer - 1].long(), True)
+            assert torch.equal(own, want), (layer, i)
+            assert torch.equal(e["maps_replay"][layer][i][: n - 1], want), (layer, i)
+
+
 LAYOUTS = {"tp2": dict(tensor=2), "ep2": dict(expert=2), "pp2": dict(pipeline=2), "cp2": dict(context=2)}
 
 
@@ -151,7 +198,9 @@ def layouts(out_dir: str) -> dict:
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         given = samples()
         n = len(given) // dp
-        results[name] = {"scores": learner.score(given[dp_rank * n : (dp_rank + 1) * n]), "dp_rank": dp_rank, "dp": dp}
+        engine = local_engine_check(learner)
+        results[name] = {"scores": learner.score(given[dp_rank * n : (dp_rank + 1) * n]), "dp_rank": dp_rank, "dp": dp,
+                         "engine_own": engine["own"], "engine_replayed": engine["replayed"]}
         ps.destroy_model_parallel()
     return results
 
@@ -167,6 +216,8 @@ def test_replay_in_parallel_layouts_matches_one_process(tmp_path) -> None:
             want = ref["replayed"][got["dp_rank"] * n : (got["dp_rank"] + 1) * n]
             for a, b in zip(got["scores"], want):
                 torch.testing.assert_close(a, b, rtol=TOL, atol=TOL, msg=lambda m: f"{name}: {m}")
+            for a, b in zip(got["engine_replayed"], got["engine_own"]):  # the gathered engine routing
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name} engine: {m}")
 
 
 def test_routing_replay_needs_moe_model() -> None:
