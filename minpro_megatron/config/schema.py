@@ -215,6 +215,7 @@ class RolloutConfig:
     api_key_file: str | None = None
     allow_unauthenticated: bool = False  # talk to non-loopback servers without a key (a private network only)
     keep_exports: int = 2  # full HF exports (policy_step*/ under OUTPUT/rollout) kept; older ones are deleted
+    routing_replay: Literal["off", "rollout"] = "off"  # off: the learner routes itself; rollout: replay the rollout engine's expert choices (MoE only)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)  # how old rollouts may be (section)
 
     def validate(self) -> None:
@@ -372,6 +373,11 @@ class RunConfig:
             raise ConfigError(
                 f"rollout.max_new_tokens={self.rollout.max_new_tokens} leaves no room for a prompt within "
                 f"model.max_position_embeddings={m.max_position_embeddings}"
+            )
+        if self.rollout.routing_replay != "off" and not m.is_moe:
+            raise ConfigError(
+                f"rollout.routing_replay={self.rollout.routing_replay} needs an MoE model (model.num_experts is "
+                f"{m.num_experts}); set rollout.routing_replay=off for a dense model"
             )
         if self.rollout.staleness.n < 0:
             raise ConfigError(f"rollout.staleness.n must be >= 0, got {self.rollout.staleness.n}")

@@ -30,6 +30,8 @@ class TrainSample:
     the response tokens (only for a KL term). version: weight version that generated the sample.
     rollout_logp: the server's log-probs of the response tokens when old_logp was recomputed by the
     learner (loss.old_logp=recompute); the mismatch correction compares the two (losses/mismatch.py).
+    routed_experts: the rollout's expert choices [N, MoE layers, top-k] (N = tokens or tokens - 1) for
+    rollout.routing_replay (learner/routing_replay.py).
     """
 
     tokens: torch.Tensor
@@ -41,6 +43,7 @@ class TrainSample:
     version: int = 0
     meta: dict = field(default_factory=dict)
     rollout_logp: torch.Tensor | None = None
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.tokens = torch.as_tensor(self.tokens, dtype=torch.int64).reshape(-1)
@@ -71,6 +74,15 @@ class TrainSample:
                     f"TrainSample.rollout_logp has {self.rollout_logp.numel()} values for {n_resp} response tokens"
                 )
 
+        if self.routed_experts is not None:
+            r = self.routed_experts = torch.as_tensor(self.routed_experts)
+            n = self.tokens.numel()
+            if r.dim() != 3 or r.shape[0] not in (n - 1, n) or r.is_floating_point():
+                raise ValueError(
+                    f"TrainSample.routed_experts must be an integer tensor [tokens or tokens - 1, MoE layers, top-k]; "
+                    f"got {r.dtype} {tuple(r.shape)} for {n} tokens"
+                )
+
     @property
     def response_len(self) -> int:
         return int(self.tokens.numel()) - self.prompt_len
@@ -95,6 +107,7 @@ class MicroBatch:
     ref_logp: torch.Tensor | None
     samples: list[TrainSample]
     rollout_logp: torch.Tensor | None = None  # [T_local] float32, when the samples carry it
+    routing: torch.Tensor | None = None  # [T_local, MoE layers, top-k] int64 replayed routing, when the samples carry it
 
     @property
     def layout(self) -> ZigzagLayout:
@@ -144,7 +157,14 @@ def pack_micro_batch(
         if not all(s.rollout_logp is not None for s in samples):
             raise ValueError("pack_micro_batch: rollout_logp must be given for every sample of a micro-batch or none")
         rollout = local([s.positional(s.rollout_logp, 0.0) for s in samples], 0.0)
-    return MicroBatch(inputs, old, adv, mask & inputs.label_mask, ref, samples, rollout)
+    routing = None
+    if any(s.routed_experts is not None for s in samples):
+        if not all(s.routed_experts is not None for s in samples):
+            raise ValueError("pack_micro_batch: routed_experts must be given for every sample of a micro-batch or none")
+        from minpro_megatron.learner.routing_replay import pack_routing
+
+        routing = pack_routing([s.routed_experts for s in samples], layout, int(samples[0].routed_experts.shape[2]))
+    return MicroBatch(inputs, old, adv, mask & inputs.label_mask, ref, samples, rollout, routing)
 
 
 def split_micro_batches(samples: Sequence[TrainSample], micro_batch_size: int) -> list[list[TrainSample]]:

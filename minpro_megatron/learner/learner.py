@@ -12,6 +12,7 @@ sum of shares over micro-batches and ranks: the gradient of the global token-mea
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -23,6 +24,9 @@ from minpro_megatron.config import RunConfig
 from minpro_megatron.learner.batch import MicroBatch, TrainSample, global_batch_totals, pack_micro_batch, split_micro_batches
 from minpro_megatron.learner.logprobs import capture_output_layer_input, logprobs_from_hidden, prepare_packed_inputs
 from minpro_megatron.learner.model_provider import build_model_chunks, transformer_config_from, unwrap_model
+from minpro_megatron.learner.routing_replay import (
+    check_replay_supported, gather_recorded, moe_layer_numbers, rank_slice, recording, replaying,
+)
 from minpro_megatron.losses import BatchTotals, policy_loss
 from minpro_megatron.parallel.cp_layout import ZigzagLayout
 from minpro_megatron.parallel.json_collectives import broadcast_json
@@ -82,7 +86,15 @@ class Learner:
 
         self.cfg = cfg
         self.ps = ps
-        self.config = transformer_config_from(cfg.model, cfg.parallel)
+        # rollout.routing_replay=rollout: routers replay the rollout's expert choices (learner/routing_replay.py)
+        self.replay_routing = cfg.rollout.routing_replay == "rollout"
+        if self.replay_routing:
+            check_replay_supported()
+        self.routing_log: list[dict[int, torch.Tensor]] | None = None  # set: each forward's recorded routing
+        self.last_routing: list[torch.Tensor] | None = None  # last_token_logits' routing per sequence (replay on)
+        self.config = transformer_config_from(
+            cfg.model, cfg.parallel, **({"moe_enable_routing_replay": True} if self.replay_routing else {})
+        )
         chunks = build_model_chunks(cfg.model, cfg.parallel, config=self.config)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -179,10 +191,11 @@ class Learner:
                 packed_seq_params=mb.inputs.packed_seq_params,
             )
             post = getattr(unwrap_model(model), "post_process", True)
-            if not post:
-                return model(**call), None
-            with capture_output_layer_input(model) as cap:
-                output = model(**call)
+            with self._routing_context(mb, model):
+                if not post:
+                    return model(**call), None
+                with capture_output_layer_input(model) as cap:
+                    output = model(**call)
             hidden, weight = cap.hidden, cap.weight
 
             def loss_func(_output: torch.Tensor):
@@ -204,6 +217,21 @@ class Learner:
             micro_batch_size=1,
             forward_only=forward_only,
         )
+
+    def _routing_context(self, mb: Any, model: torch.nn.Module) -> Any:
+        """Replay the micro-batch's routing (this TP rank's tokens of it), or record into ``routing_log``."""
+        if not self.replay_routing:
+            return contextlib.nullcontext()
+        routing = getattr(mb, "routing", None)
+        if routing is not None:
+            ps = self.ps
+            return replaying(model, rank_slice(routing, ps.get_tensor_model_parallel_world_size(),
+                                               ps.get_tensor_model_parallel_rank(), bool(self.config.sequence_parallel)))
+        if self.routing_log is not None:
+            rec: dict[int, torch.Tensor] = {}
+            self.routing_log.append(rec)
+            return recording(model, rec)
+        return contextlib.nullcontext()
 
     def train_step(self, shard: Sequence[TrainSample], totals: BatchTotals | None = None) -> StepResult:
         """One optimizer update on this DP rank's ``shard`` (the same on every TP/PP/CP rank of the DP
@@ -366,7 +394,18 @@ class Learner:
                 dist.all_reduce(full, group=layout.cp_group)
             return torch.zeros((), device=full.device), {"logits": full}
 
-        reports = self._run_schedule([_Forward(inputs)], loss_fn, forward_only=True)
+        log = self.routing_log = [] if self.replay_routing else None  # the local engine's routing (R3)
+        try:
+            reports = self._run_schedule([_Forward(inputs)], loss_fn, forward_only=True)
+        finally:
+            self.routing_log = None
+        if log is not None:
+            self.last_routing = gather_recorded(
+                log, layout, len(moe_layer_numbers(self.config)), self.config.moe_router_topk,
+                tp_size=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+                sequence_parallel=bool(self.config.sequence_parallel),
+                groups=[ps.get_model_parallel_group(), layout.cp_group],
+            )
         return reports[0]["logits"] if self.is_last_stage else None
 
     def _share_from_last_stage(self, obj: Any) -> Any:

@@ -35,6 +35,7 @@ from typing import Sequence
 import aiohttp
 
 from minpro_megatron.serving.auth import bearer
+from minpro_megatron.rollout.routing import RoutingSpec, decode_routed_experts
 from minpro_megatron.rollout.types import (
     RolloutError,
     SampleGroup,
@@ -95,6 +96,7 @@ class RolloutClient:
         version_aliases: dict[str, int] | None = None,
         progress: bool = True,
         api_key: str | None = None,
+        routing: "RoutingSpec | None" = None,  # rollout.routing_replay: ask for and decode the routed experts
     ):
         self.set_endpoints(endpoints)
         if max_concurrency < 1:
@@ -110,6 +112,7 @@ class RolloutClient:
         # "default" is SGLang's label for the weights a server started with = learner step 0
         self.version_aliases = {"default": 0} if version_aliases is None else dict(version_aliases)
         self.progress = progress
+        self.routing = routing
         self._headers = bearer(api_key)  # servers / router started with --api-key answer 401 without it
         self.last_stats = BatchStats()
         self._inflight: Counter = Counter()
@@ -205,6 +208,8 @@ class RolloutClient:
         stats: BatchStats,
     ) -> SampleGroup:
         body = {"input_ids": prompt, "sampling_params": params.to_json(), "return_logprob": True}
+        if self.routing is not None:
+            body["return_routed_experts"] = True
         tried: set[str] = set()
         errors: list[str] = []
         for attempt in range(1, self.max_attempts + 1):
@@ -269,6 +274,12 @@ class RolloutClient:
         )
         if self.retry_aborted and any(s.finish_reason == "abort" for s in samples):
             raise _Retryable("finish_reason=abort (server paused or request aborted); partial output discarded")
+        if self.routing is not None:
+            for j, (s, item) in enumerate(zip(samples, items)):
+                s.routed_experts = decode_routed_experts(
+                    item["meta_info"], len(prompt) + len(s.response_ids), self.routing,
+                    f"{url}/generate prompt {index} output[{j}].meta_info",
+                )
         return samples
 
 

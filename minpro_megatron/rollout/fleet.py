@@ -108,7 +108,8 @@ class RolloutFleet:
                     weight_version=str(self.version),
                     tp_size=c.server_tp_size,
                     max_total_tokens=c.server_max_total_tokens,
-                    extra_args=list(c.server_extra_args),
+                    extra_args=list(c.server_extra_args) + (
+                        ["--enable-return-routed-experts"] if c.routing_replay == "rollout" else []),  # R3
                     startup_timeout_s=c.server_startup_timeout_s,
                     api_key=self.api_key,
                 )

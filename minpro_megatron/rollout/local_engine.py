@@ -6,7 +6,10 @@ for tiny models, tests and runs without SGLang), the last pipeline stage samples
 temperature-scaled distribution with a generator seeded identically on its TP/CP ranks, and the tokens
 are broadcast to the other stages. Behaviour log-probs are log_softmax(logits / temperature) of the
 sampled token, the same scaling the learner's log-prob code uses; samples are tagged with the weight
-version the learner holds, so every staleness mode works without SGLang.
+version the learner holds, so every staleness mode works without SGLang. With rollout.routing_replay the
+engine records its routing like a server does: each token's experts from the forward that first took it
+as input (prompt: the first step; a response token: the step after it was sampled), so a sample carries
+[prompt + response - 1, MoE layers, top-k] (learner/routing_replay.py).
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class LocalEngine:
         logps: list[list[float]] = [[] for _ in seqs]
         finish: list[str | None] = [None] * len(seqs)
         stops = set(params.stop_token_ids) | ({self.eos_token_id} if not params.ignore_eos else set())
+        record = getattr(self.learner, "replay_routing", False)
+        routed: list[list[torch.Tensor]] = [[] for _ in seqs]  # per sequence: routing rows in token order
         for _ in range(params.max_new_tokens):
             active = [i for i, f in enumerate(finish) if f is None]
             # Forward passes are collective beyond this DP replica when experts span DP ranks (EP > 1):
@@ -88,6 +93,10 @@ class LocalEngine:
                 self.learner.last_token_logits([torch.tensor([self.eos_token_id])])
                 continue
             logits = self.learner.last_token_logits([torch.tensor(seqs[i]) for i in active])
+            if record:  # keep the rows of the tokens this forward took as input for the first time
+                for j, i in enumerate(active):
+                    done = sum(r.shape[0] for r in routed[i])
+                    routed[i].append(self.learner.last_routing[j][done:])
             tokens, token_logp = self._sample(logits, params, gen, len(active))
             for j, i in enumerate(active):
                 seqs[i].append(int(tokens[j]))
@@ -111,10 +120,16 @@ class LocalEngine:
                         finish_reason=finish[i] or "length",  # type: ignore[arg-type]
                         server_url="local",
                         version_spans=[WeightVersionSpan(self.version, 0, len(resp))],
+                        routed_experts=self._payload(routed[i]) if record else None,
                     )
                 )
             out.append(group)
         return out
+
+    def _payload(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        from minpro_megatron.learner.routing_replay import routing_dtype
+
+        return torch.cat(rows).to(routing_dtype(self.learner.cfg.model.num_experts))
 
     def _any_rank_active(self, active: bool) -> bool:
         group = self.learner.ps.get_data_parallel_group()

@@ -94,7 +94,12 @@ class SGLangEngine:
                 cfg.rollout.weight_sync_master_address = os.environ["MINPRO_NODE_IP"]
             self.fleet = RolloutFleet(cfg.rollout, None if attach else self.hf_dir, self.out_dir / "logs", initial_version=version)
             self.fleet.start()
-            self.client = self.fleet.client(progress=False)
+            routing = None
+            if cfg.rollout.routing_replay == "rollout":  # R3: servers return each token's experts
+                from minpro_megatron.rollout.routing import RoutingSpec
+
+                routing = RoutingSpec.for_model(cfg.model)
+            self.client = self.fleet.client(progress=False, routing=routing)
             self.sync = self.fleet.weight_sync()
 
         rank0_phase("starting the SGLang fleet", start_fleet)

@@ -18,6 +18,8 @@ __all__ = ["encode_groups", "decode_groups", "encode_prompts", "decode_prompts",
 
 _FINISH = {"stop": 0, "length": 1, "abort": 2}
 _FINISH_NAME = {v: k for k, v in _FINISH.items()}
+_DTYPE_CODE = {torch.uint8: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3}
+_CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
 
 
 def encode_groups(groups_by_rank: Mapping[int, Sequence[SampleGroup]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +33,8 @@ def encode_groups(groups_by_rank: Mapping[int, Sequence[SampleGroup]]) -> tuple[
                 ints += [s.prompt_index, s.sample_index, len(s.prompt_ids), len(s.response_ids), _FINISH[s.finish_reason]]
                 ints += list(s.prompt_ids) + list(s.response_ids) + list(s.weight_versions)
                 floats += list(s.logprobs)
+                r = s.routed_experts  # rollout.routing_replay: [tokens - 1, L, k] (as int64 here: tiny next to tokens)
+                ints += [0] if r is None else [1, *r.shape, _DTYPE_CODE[r.dtype], *r.reshape(-1).tolist()]
     return torch.tensor(ints, dtype=torch.int64), torch.tensor(floats, dtype=torch.float64)
 
 
@@ -57,11 +61,19 @@ def decode_groups(ints: torch.Tensor, floats: torch.Tensor, server_url: str = "s
                 pos += rlen
                 lps = fl[fpos : fpos + rlen]
                 fpos += rlen
+                routed = None
+                if it[pos]:
+                    n, layers, k, code = it[pos + 1 : pos + 5]
+                    pos += 5
+                    routed = ints[pos : pos + n * layers * k].reshape(n, layers, k).to(_CODE_DTYPE[code])
+                    pos += n * layers * k
+                else:
+                    pos += 1
                 g.append(
                     RolloutSample(
                         prompt_index=p_idx, sample_index=s_idx, prompt_ids=prompt, response_ids=resp, logprobs=lps,
                         weight_versions=versions, finish_reason=_FINISH_NAME[fin], server_url=server_url,  # type: ignore[arg-type]
-                        version_spans=_spans(versions),
+                        version_spans=_spans(versions), routed_experts=routed,
                     )
                 )
             groups.append(g)

@@ -102,6 +102,9 @@ class RolloutSample:
     attempts: int = 1  # HTTP attempts this prompt took (> 1 after a retry)
     text: str | None = None
     version_spans: list[WeightVersionSpan] = field(default_factory=list)
+    # rollout.routing_replay: the experts that routed each token, int tensor [prompt + response - 1, MoE
+    # layers, top-k] in the smallest dtype holding the expert ids (learner/routing_replay.py); None: off
+    routed_experts: Any = None
 
     @property
     def min_version(self) -> int:

@@ -51,7 +51,7 @@ class Group:
 def train_sample(s: RolloutSample, advantage: float) -> TrainSample:
     """One response with tokens as the learner's sample (behaviour log-probs as pi_old)."""
     return TrainSample(torch.tensor(s.prompt_ids + s.response_ids), len(s.prompt_ids), torch.tensor(s.logprobs),
-                       advantage, version=s.min_version)
+                       advantage, version=s.min_version, routed_experts=s.routed_experts)
 
 
 def train_samples(groups: Sequence[Group]) -> list[TrainSample]:

@@ -34,6 +34,36 @@ sys.stderr.write(
 )
 
 
+class _NoHostRegisterOnCPU:
+    """SGLang's routed-experts capture (--enable-return-routed-experts, rollout.routing_replay) allocates its
+    host buffer with pin_memory=True, whose cudaHostRegister needs a CUDA driver. Without CUDA, pinning buys
+    nothing: once sglang/srt/mem_cache/pool_host/common.py has loaded, its _cuda_host_register becomes a
+    no-op (a post-import hook, so this package never imports sglang itself)."""
+
+    _TARGET = "sglang.srt.mem_cache.pool_host.common"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self._TARGET or torch.cuda.is_available():
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def patched(module):
+            exec_module(module)
+            module._cuda_host_register = lambda buffer, registration_granularity_bytes=None: None
+
+        spec.loader.exec_module = patched
+        return spec
+
+
+if not torch.cuda.is_available():
+    sys.meta_path.insert(0, _NoHostRegisterOnCPU())
+
+
 def _log(event: str, name: str) -> None:
     if _LOG_PATH:
         with open(_LOG_PATH, "a") as f:
