@@ -175,13 +175,13 @@ def main() -> None:
             per = got["activations"] / tokens / cfg.model.num_layers
             formula = est.activations / tokens / cfg.model.num_layers
             note = (f"activations: the CPU path saves {per / 1024:.1f} KiB per token and layer for the "
-                    f"backward vs the formula's {formula / 1024:.1f} KiB for the GPU kernels (TransformerEngine, "
-                    "flash attention), which cannot run here: megatron's local spec saves unfused RoPE / RMSNorm / "
-                    "SwiGLU intermediates and the CPU attention its probabilities")
+                    f"backward vs the formula's {formula / 1024:.1f} KiB, written for the GPU kernels (TransformerEngine, "
+                    "flash attention) that cannot run here; megatron's local spec also saves unfused RoPE, RMSNorm "
+                    "and SwiGLU intermediates and the CPU attention its probabilities")
         if abs(ratios["peak"] - 1) > TOLERANCE:
             note += ("; " if note else "") + (
-                "peak: the backward's transients (activation gradients, weight gradients before they reach the "
-                "main-grad buffers) have no term in the estimate beyond its full-logits allowance")
+                "peak: the backward's transients (activation and weight gradients before the main-grad buffers) "
+                "have no term in the estimate beyond its full-logits allowance")
         report("bench_memory_estimate", setting, f"estimate / measured: {text}", "each within 0.85-1.15x", ok, note)
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from minpro_megatron.config import ParallelConfig, RunConfig
 from tests.learner.model_helpers import tiny_moe
 from tests.mp_utils import run_multiprocess
 
-pytestmark = pytest.mark.multiproc
-
 MODELS = {
     # MoE with a gated shared expert, q/k norms, padded vocabulary (100 -> 128)
     "moe": dict(moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True, vocab_size=100,
@@ -57,6 +55,7 @@ def built():
     return [("1", {}, one)] + [(name, LAYOUTS_2[name], r) for name in LAYOUTS_2 for r in two]
 
 
+@pytest.mark.multiproc
 def test_parameter_count_per_rank_equals_the_built_model(built) -> None:
     from minpro_megatron.slurm.memory import estimate_learner_memory, params_per_rank
 
@@ -73,3 +72,18 @@ def test_parameter_count_per_rank_equals_the_built_model(built) -> None:
                 assert est.params_per_gpu == count, (model, name)
             checked += 1
     assert checked == 1 * 2 + 2 * (2 + 1 + 2 + 2)  # every model x layout x rank was compared
+
+
+def test_float32_models_keep_float32_activations() -> None:
+    """The per-token activation formula counts 16-bit tensors; a float32 model keeps them in float32
+    (measured on the CPU: tools/bench_memory_estimate.py), so its activations are twice a bf16 model's."""
+    from minpro_megatron.slurm.memory import estimate_learner_memory
+
+    bf16 = run_config("moe", {})
+    bf16.model.params_dtype = "bfloat16"
+    fp32 = run_config("moe", {})
+    fp32.model.params_dtype = "float32"
+    a, b = estimate_learner_memory(bf16, 1), estimate_learner_memory(fp32, 1)
+    assert b.activations == 2 * a.activations
+    assert b.logits == a.logits  # the log-prob logits are fp32 either way
+    assert b.parameters == 2 * a.parameters and b.gradients == a.gradients
