@@ -27,7 +27,8 @@ CONFIG = REPO / "examples" / "tiny_moe_cpu.yaml"
 
 def run(backend: str, n: int, steps: int, out: Path) -> dict[str, float]:
     overrides = [f"train.steps={steps}", "train.warm_start_steps=20", f"rollout.staleness.n={n}",
-                 f"rollout.backend={backend}", f"logging.output_dir={out}", "data.num_eval=32"]
+                 f"rollout.backend={backend}", f"logging.output_dir={out}", "data.num_eval=32",
+                 "checkpoint.save_interval=0"]  # no checkpoints: no step time includes one, and the final save (seconds on CPU) is skipped
     if backend == "sglang":
         overrides += ["rollout.num_servers=1", "rollout.base_port=0", "rollout.router_port=0"]
     cmd = [sys.executable, "-m", "minpro_megatron.cli", "train", str(CONFIG), *overrides]

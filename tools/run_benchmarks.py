@@ -31,14 +31,20 @@ sys.path.insert(0, str(TOOLS))
 
 from bench_common import RESULT_PREFIX  # noqa: E402
 
-# (script, arguments): reduced sizes so the whole set stays within ~10 minutes; the scripts' defaults are larger
+# (script, arguments): reduced sizes so the whole set stays within ~10 minutes on a 2-core host; the scripts'
+# defaults are larger. Each slow benchmark keeps what its ratio needs: weight sync one small bf16 model and
+# one >= 512 MiB fp32 model (the target row) with a bucketed and a one-bucket transfer, 2 repetitions for
+# a spread; rollout 32 prompts x 32 new tokens (the ratio is per repetition, against SGLang's client on
+# the same requests); staleness 5 steps (steps 3-5 are the steady state that is averaged).
 BENCHMARKS: list[tuple[str, list[str]]] = [
     ("bench_losses", ["--tokens", "8192", "32768", "131072", "--repeats", "9"]),
     ("bench_logprobs", ["--tokens", "4096", "--vocab", "32768"]),
     ("bench_attention", ["--reps", "3"]),
     ("bench_convert", ["--layers", "4"]),
-    ("bench_weight_sync", ["--models", "27:float32,27:bfloat16,512:float32,512:bfloat16", "--bucket-mb", "64,0", "--reps", "2"]),
-    ("bench_rollout", ["--prompts", "32", "--reps", "2"]),
+    ("bench_learner_overhead", ["--rounds", "7"]),
+    ("bench_memory_estimate", []),
+    ("bench_weight_sync", ["--models", "27:bfloat16,512:float32", "--bucket-mb", "64,0", "--reps", "2"]),
+    ("bench_rollout", ["--prompts", "32", "--output-len", "32", "--reps", "2"]),
     ("bench_staleness_overlap", ["--steps", "5", "--backends", "sglang"]),
 ]
 

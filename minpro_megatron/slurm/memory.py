@@ -8,13 +8,16 @@ Counting rules (bytes; P = parameters held by one GPU):
 - optimizer: Adam, fp32 master copy + m + v = 12 bytes per bf16 parameter (8 for fp32 parameters),
   divided by the data-parallel size when the distributed optimizer is on (DP x CP for non-expert
   weights, the expert DP for experts).
-- activations: per token and layer with flash attention (no s^2 term) and sequence parallelism (all
+- activations: (16-bit; twice for float32 models) per token and layer with flash attention (no s^2 term) and sequence parallelism (all
   divided by TP): attention 4h + 2(q+2kv) + 2(q+kv) + 2q, dense MLP 4h + 6f, MoE 4h + 8E + k(4h + 6f_moe)
   with q = heads x head_dim, kv = kv_heads x head_dim, k = top-k. With 1F1B the first stage holds
   micro-batches for all L layers; full recompute keeps only each layer's input (2h) plus one layer.
 - logits: tokens x vocab/TP x 4 (fp32 for the log-prob) on the last stage, before any chunking.
 - overhead: a flat allowance (CUDA context, NCCL buffers, allocator fragmentation).
-These are estimates to size a layout, not measurements: expect +-15%.
+Parameters, gradients and optimizer states are exact per rank (params_per_rank; checked against built
+models by tests/slurm/test_memory_params.py and tools/bench_memory_estimate.py). Activations are an
+estimate for the GPU kernels (TransformerEngine, flash attention); the CPU path's unfused local spec keeps
+more per token (measured: tools/bench_memory_estimate.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 from minpro_megatron.config import RunConfig
 
-__all__ = ["ParamCounts", "count_parameters", "LearnerMemory", "estimate_learner_memory", "RolloutMemory",
+__all__ = ["ParamCounts", "count_parameters", "params_per_rank", "LearnerMemory", "estimate_learner_memory", "RolloutMemory",
            "estimate_rollout_memory", "format_memory"]
 
 GiB = 2**30
@@ -57,9 +60,11 @@ def count_parameters(cfg: RunConfig) -> ParamCounts:
     h = m.hidden_size
     hd = m.head_dim or h // m.num_attention_heads
     q, kv = m.num_attention_heads * hd, m.num_query_groups * hd
-    attention = h * q + 2 * h * kv + q * h + h + (2 * hd if m.qk_layernorm else 0)
+    attention = h * q + 2 * h * kv + q * h + h + (2 * hd if m.qk_layernorm else 0) + ((q + 2 * kv) if m.add_qkv_bias else 0)
     if m.is_moe:
         shared = 3 * h * m.moe_shared_expert_intermediate_size if m.moe_shared_expert_intermediate_size else 0
+        if shared and m.moe_shared_expert_gate:
+            shared += h
         dense = h * m.num_experts + shared + h
         expert = 3 * h * m.moe_ffn_hidden_size
         experts, active = m.num_experts * expert, m.moe_router_topk * expert
@@ -68,6 +73,36 @@ def count_parameters(cfg: RunConfig) -> ParamCounts:
     return ParamCounts(embedding=m.vocab_size * h, output=0 if m.tie_word_embeddings else m.vocab_size * h,
                        attention_per_layer=attention, mlp_dense_per_layer=dense, experts_per_layer=experts,
                        active_experts_per_layer=active, num_layers=m.num_layers, final_norm=h)
+
+
+def params_per_rank(cfg: RunConfig) -> dict[str, tuple[int, int]]:
+    """Exact parameter counts one rank holds, per pipeline stage ("only", or "first" and "last"):
+    (non-expert, expert), as megatron-core builds them (model_provider.build_gpt_model): the embedding and
+    output rows are the padded vocabulary split by TP; the q/k/v/o projections, dense and shared-expert MLPs
+    split by TP; norms (input, pre-MLP, q/k, final), the router and the shared-expert gate are replicated
+    on every TP rank; each rank holds num_experts / EP routed experts, each split by expert TP. With tied
+    embeddings and PP > 1 the last stage holds its own copy of the output weight."""
+    m, p = cfg.model, cfg.parallel
+    h, tp, pp, etp = m.hidden_size, p.tensor, p.pipeline, p.expert_tensor or 1
+    hd = m.head_dim or h // m.num_attention_heads
+    q, kv = m.num_attention_heads * hd, m.num_query_groups * hd
+    split = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if m.add_qkv_bias else 0)  # attention, split by TP
+    replicated = 2 * h + (2 * hd if m.qk_layernorm else 0)  # input + pre-MLP norms, q/k norms
+    if m.is_moe:
+        replicated += h * m.num_experts  # router
+        if m.moe_shared_expert_intermediate_size:
+            split += 3 * h * m.moe_shared_expert_intermediate_size
+            replicated += h if m.moe_shared_expert_gate else 0
+        expert = m.num_experts // p.expert * 3 * h * m.moe_ffn_hidden_size // etp
+    else:
+        split += 3 * h * m.ffn_hidden_size
+        expert = 0
+    layers = m.num_layers // pp
+    body = layers * (split // tp + replicated)
+    vocab = m.padded_vocab_size * h // tp
+    if pp == 1:
+        return {"only": (body + vocab + (0 if m.tie_word_embeddings else vocab) + h, layers * expert)}
+    return {"first": (body + vocab, layers * expert), "last": (body + vocab + h, layers * expert)}
 
 
 def _activation_bytes_per_token_layer(cfg: RunConfig) -> int:
@@ -114,11 +149,11 @@ def estimate_learner_memory(cfg: RunConfig, world_size: int) -> LearnerMemory:
     dp = p.data_parallel_size(world_size)
     expert_dp = world_size // (p.expert * etp * pp)
     layers = m.num_layers // pp
-    dense_layer = (pc.attention_per_layer + pc.mlp_dense_per_layer) / tp
-    expert_layer = pc.experts_per_layer / (p.expert * etp)
+    counts = params_per_rank(cfg)
 
     tokens = cfg.train.micro_batch_size * mem.seq_len / cp
-    per_token_layer = _activation_bytes_per_token_layer(cfg) / tp
+    # the per-token formula counts 16-bit activations; an fp32 model keeps them in fp32 (twice the bytes)
+    per_token_layer = _activation_bytes_per_token_layer(cfg) / tp * DTYPE_BYTES[m.params_dtype] / 2
     if mem.recompute == "full":
         act_first = tokens * (m.num_layers * 2 * m.hidden_size / tp + per_token_layer)
         act_last = tokens * (layers * 2 * m.hidden_size / tp + per_token_layer)
@@ -127,13 +162,8 @@ def estimate_learner_memory(cfg: RunConfig, world_size: int) -> LearnerMemory:
         act_last = tokens * layers * per_token_layer  # one micro-batch in flight
     logits = tokens * m.vocab_size / tp * 4
 
-    stages = {  # name -> (non-expert params, expert params, activations, logits)
-        "first": (layers * dense_layer + pc.embedding / tp, layers * expert_layer, act_first, 0.0),
-        "last": (layers * dense_layer + (pc.output + pc.final_norm) / tp, layers * expert_layer, act_last, logits),
-    }
-    if pp == 1:
-        stages = {"only": (layers * dense_layer + (pc.embedding + pc.output + pc.final_norm) / tp,
-                           layers * expert_layer, act_first, logits)}
+    acts = {"only": (act_first, logits), "first": (act_first, 0.0), "last": (act_last, logits)}
+    stages = {name: (*counts[name], *acts[name]) for name in counts}  # (non-expert, expert, activations, logits)
     pbytes = DTYPE_BYTES[m.params_dtype]
     gbytes = DTYPE_BYTES[mem.grad_dtype]
     obytes = 12 if pbytes == 2 else 8

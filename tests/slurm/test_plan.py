@@ -141,7 +141,8 @@ def test_memory_estimate_scales_with_the_layout():
     assert dp16.optimizer == pytest.approx(est.optimizer / 2) and dp16.activations == est.activations
     tp1 = estimate_learner_memory(load_config(QWEN3_8B, ["parallel.tensor=1"]), 16)
     assert tp1.activations == pytest.approx(2 * est.activations)
-    assert tp1.params_per_gpu == pytest.approx(2 * params, rel=1e-6)
+    # not exactly 2x: the norms are replicated on every TP rank (slurm/memory.py params_per_rank)
+    assert tp1.params_per_gpu == pytest.approx(2 * params, rel=1e-4) and tp1.params_per_gpu < 2 * params
     full = estimate_learner_memory(load_config(QWEN3_8B, ["slurm.memory.recompute=full"]), 16)
     assert full.activations < est.activations / 10
     cp2 = estimate_learner_memory(load_config(QWEN3_8B, ["parallel.context=2"]), 16)
