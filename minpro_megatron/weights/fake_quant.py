@@ -12,10 +12,10 @@ same place modelopt's own megatron plugin quantizes). The parameters are untouch
 (and the optimizer's fp32 copies) stay high precision, checkpoints and the exporter see them unchanged.
 
 What the quantizer computes: modelopt's built-in fake quantization does not reproduce the exported
-tensors bit for bit (measured on a 256x512 tensor: fp8 with one fp32 scale differs in the last bit of up
-to 76% of the elements, since it multiplies by 448/amax where the export divides by amax/448; int4 with
-bf16 server scales differs in 84% of the elements, up to 0.035, since the export rounds each group's scale
-to the server dtype before rounding the weights). So the TensorQuantizers run a registered modelopt
+tensors bit for bit (measured on three random 256x512 tensors: fp8 with fp32 servers differed in the last
+bit of 76% of the elements of one, since it multiplies by 448/amax where the export divides by amax/448;
+int4 with bf16 server scales in 84% of the elements, up to 0.035, since the export rounds each group's
+scale to the server dtype before rounding the weights). So the TensorQuantizers run a registered modelopt
 backend (``register_quant_backend``, "minpro_rollout") whose forward is the exporter's own modelopt calls
 (``FP8QTensor`` quantize/dequantize; ``get_scaling_factor_from_weight`` + ``to_quantized_weight``), cast
 to ``rollout.server_dtype`` as the dequantized export is, then to the parameter dtype for the GEMM.
