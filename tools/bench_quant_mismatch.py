@@ -107,6 +107,49 @@ def sample(model, prompts: torch.Tensor, max_new: int, temperature: float, eos: 
     return seqs, torch.stack(mask, 1)
 
 
+_DIST = None
+
+
+@torch.no_grad()
+def megatron_logps(path: Path, fmt: str, group: int, server_dtype: torch.dtype, seqs: torch.Tensor, prompt_len: int,
+                   batch: int = 128) -> torch.Tensor:
+    """Response log-probs of the Megatron learner (fp32, 1 process) built from ``path``, with learner-side
+    fake quantization in ``fmt`` (train.fake_quant, weights/fake_quant.py; none: without) for servers
+    of ``server_dtype``: the learner the trainer runs, scoring the rollout's samples."""
+    global _DIST
+    from minpro_megatron.config import ParallelConfig, RunConfig
+    from minpro_megatron.config.hf_model import model_config_from_hf
+    from minpro_megatron.convert.loader import load_hf_weights
+    from minpro_megatron.learner.distributed import init_distributed
+    from minpro_megatron.learner.logprobs import prepare_packed_inputs
+    from minpro_megatron.learner.model_provider import build_model_chunks
+    from minpro_megatron.parallel.cp_layout import ZigzagLayout
+    from minpro_megatron.weights.fake_quant import FakeQuant
+
+    cfg = RunConfig(model=model_config_from_hf(path), parallel=ParallelConfig())
+    cfg.rollout.quantization = cfg.train.fake_quant = fmt
+    cfg.rollout.server_dtype = str(server_dtype).removeprefix("torch.")
+    cfg.rollout.quantization_group_size = group
+    if _DIST is None:
+        _DIST = init_distributed(cfg.parallel, seed=0)
+    (model,) = build_model_chunks(cfg.model, cfg.parallel)
+    load_hf_weights([model], cfg.model, path)
+    fq = FakeQuant.from_config([model], cfg)
+    model.eval()
+    out = []
+    for rows in seqs.split(batch):
+        layout = ZigzagLayout(torch.tensor([rows.shape[1]] * len(rows)))
+        inputs = prepare_packed_inputs(list(rows), layout)
+        logits = model(input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=None,
+                       packed_seq_params=inputs.packed_seq_params)
+        logits = layout.unpad(logits[0]).float()[:, : cfg.model.vocab_size].reshape(len(rows), rows.shape[1], -1)
+        lp = torch.log_softmax(logits[:, prompt_len - 1 : -1], -1)
+        out.append(lp.gather(-1, rows[:, prompt_len:, None])[..., 0].double())
+    if fq is not None:
+        fq.detach()
+    return torch.cat(out)
+
+
 def mismatch(learner_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     d = (learner_lp - rollout_lp)[mask]
     return {"abs_delta_mean": float(d.abs().mean()), "abs_delta_max": float(d.abs().max()),
@@ -207,6 +250,22 @@ def main(argv: list[str] | None = None) -> int:
         m = mismatch(response_logps(learner, seqs, prompts.shape[1]), response_logps(rollout, seqs, prompts.shape[1]), mask)
         print(f"| {fmt} | {m['tokens']} | {m['abs_delta_mean']:.3e} | {m['abs_delta_max']:.3e} | {m['kl_k3']:.3e} | "
               f"{time.perf_counter() - t0:.1f} |")
+
+    print("\n## with learner-side fake quantization (train.fake_quant): the Megatron learner (fp32) scores the same "
+          "rollout samples\n")
+    print("| rollout weights | learner | tokens | mean abs delta | max abs delta | k3 KL(rollout‖learner) | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for fmt in FORMATS:
+        q = quantizer(fmt, args.group_size, wdtype, dequantize=True)
+        rollout = load_model(path, dict(q.apply(state.items())) if q else state, wdtype)
+        seqs, mask = sample(rollout, prompts, args.max_new_tokens, args.temperature, tok.eos_token_id, args.seed)
+        rollout_lp = response_logps(rollout, seqs, prompts.shape[1])
+        for fq in (("none", fmt) if fmt != "none" else ("none",)):
+            t0 = time.perf_counter()
+            m = mismatch(megatron_logps(path, fq, args.group_size, wdtype, seqs, prompts.shape[1]), rollout_lp, mask)
+            label = "Megatron, no fake quant" if fq == "none" else f"Megatron, train.fake_quant={fq}"
+            print(f"| {fmt} | {label} | {m['tokens']} | {m['abs_delta_mean']:.3e} | {m['abs_delta_max']:.3e} | "
+                  f"{m['kl_k3']:.3e} | {time.perf_counter() - t0:.1f} |")
 
     print("\n## bytes per weight sync (real format; unquantized tensors in bf16)\n")
     print("| model | none (bf16) | fp8 | int4_w4a16 | fp8 / none | int4 / none |")

@@ -285,6 +285,7 @@ class TrainConfig:
     # Updates with a non-finite gradient are skipped (parameters and Adam state untouched) and counted
     # (optim/skipped_updates); more than this many in a row stop the run with an error.
     max_nonfinite_skips: int = 3
+    fake_quant: Literal["none", "fp8", "int4_w4a16"] = "none"  # learner-side fake quantization (weights/fake_quant.py): the forward uses the servers' quantize->dequantize weights, straight-through gradient; none or rollout.quantization's format
 
 
 @dataclass
@@ -337,6 +338,17 @@ class RunConfig:
         check_warm_start(t)
         if t.max_nonfinite_skips < 0:
             raise ConfigError(f"train.max_nonfinite_skips={t.max_nonfinite_skips} must be >= 0")
+        if t.fake_quant != "none" and t.fake_quant != self.rollout.quantization:
+            raise ConfigError(
+                f"train.fake_quant={t.fake_quant} but rollout.quantization={self.rollout.quantization}: learner-side fake "
+                "quantization reproduces the weights the servers serve, so it must name their format; set "
+                f"rollout.quantization={t.fake_quant} or train.fake_quant=none"
+            )
+        if t.fake_quant != "none" and m.transformer_impl == "transformer_engine":
+            raise ConfigError(
+                "train.fake_quant hooks megatron's local linear layers, not TransformerEngine's; set "
+                "model.transformer_impl=local (or auto on a CPU host) or train.fake_quant=none"
+            )
         if p.collective_timeout_s <= 0:
             raise ConfigError(f"parallel.collective_timeout_s={p.collective_timeout_s} must be > 0")
         r = self.rollout

@@ -60,6 +60,9 @@ class RLTrainer:
         self.codec = Codec(self.tokenizer, cfg.data.chat_template)
         t = cfg.train
         self.learner = Learner(cfg, total_updates=t.steps * t.updates_per_batch)
+        from minpro_megatron.weights.fake_quant import FakeQuant
+
+        self.fake_quant = FakeQuant.from_config(self.learner.model, cfg)  # train.fake_quant: the servers' weights in the forward
         self.stream, self.eval_problems = self._load_data()
         self.rl_step = 0
         self.warm = WarmStart(cfg)
