@@ -6,8 +6,8 @@
 Each rollout node writes ``urls-NODE.txt`` (its servers) when it has launched them and ``FAILED-NODE``
 if one exits (see launch_slurm/rollout.sh). This waits until ``--servers`` URLs are listed and every one
 answers GET /health with 200, then writes ``server_urls.txt`` (one URL per line; the job script passes
-them as ``rollout.server_urls``), and with ``--router`` waits for ``router_url.txt`` and the router's
-/health. Polling instead of fixed sleeps: a model load takes from seconds to many minutes.
+them as ``rollout.server_urls``), and with ``--router`` waits for ``router_url.txt``, the router's
+/health and its GET /workers listing every server. Polling instead of fixed sleeps: a model load takes from seconds to many minutes.
 
 ``unroute`` takes a dead server out of the job's router before rollout.sh restarts it: the restarted process
 boots the job's initial weights, and the router must not send it prompts until the trainer has synced it
@@ -45,6 +45,23 @@ def healthy(url: str, timeout: float = 5.0, api_key: str | None = None) -> bool:
         return False
 
 
+def _router_lists(router_url: str, urls: list[str], api_key: str | None) -> bool:
+    """The router answers /health AND lists every server: it registers ``--worker-urls`` asynchronously,
+    after /health already says 200, so a trainer started on /health alone may meet a router with no workers."""
+    from minpro_megatron.serving.router import RouterAdmin, RouterError
+
+    if not healthy(router_url, api_key=api_key):
+        return False
+    admin = RouterAdmin(router_url, api_key=api_key)
+    try:
+        listed = {u.rstrip("/") for u in admin.worker_urls(healthy_only=False)}
+    except RouterError:
+        return False
+    finally:
+        admin.close()
+    return all(u.rstrip("/") in listed for u in urls)
+
+
 def _failed(rollout_dir: Path) -> None:
     failed = sorted(rollout_dir.glob("FAILED-*"))
     if failed:
@@ -73,10 +90,11 @@ def wait_for_fleet(rollout_dir: Path, servers: int, router: bool, timeout: float
     print(f"[fleet] {len(urls)} server(s) healthy after {time.monotonic() - t0:.1f} s: {', '.join(urls)}", flush=True)
     if router:
         url_file = rollout_dir / "router_url.txt"
-        while not (url_file.exists() and healthy(url_file.read_text().strip(), api_key=api_key)):
+        while not (url_file.exists() and _router_lists(url_file.read_text().strip(), urls, api_key)):
             _failed(rollout_dir)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"router not ready after {timeout:.0f} s; see {rollout_dir}/router.log")
+                raise TimeoutError(f"router not ready after {timeout:.0f} s (healthy and listing all {len(urls)} "
+                                   f"servers); see {rollout_dir}/router.log")
             time.sleep(poll)
         print(f"[fleet] router healthy: {url_file.read_text().strip()}", flush=True)
     return urls

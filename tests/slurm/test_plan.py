@@ -252,3 +252,45 @@ def test_fleet_wait_publishes_healthy_urls_and_fails_fast(tmp_path):
         for p in procs:
             p.terminate()
             p.wait(timeout=10)
+
+
+def test_fleet_wait_holds_until_the_router_lists_every_server(tmp_path):
+    """sglang-router registers --worker-urls asynchronously, after its /health already answers 200: the fleet
+    is ready only once GET /workers lists every server (a full-suite run once met a router with no workers).
+    STAND-IN router: a tiny HTTP handler whose worker list the test controls; the servers are stub servers."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    listed: list[str] = []
+
+    class Router(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = b"ok" if self.path == "/health" else json.dumps(
+                {"workers": [{"url": u, "is_healthy": True} for u in listed]}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    router = ThreadingHTTPServer(("127.0.0.1", 0), Router)
+    threading.Thread(target=router.serve_forever, daemon=True).start()
+    ports = [_free_port(), _free_port()]
+    procs = [subprocess.Popen([sys.executable, "-m", "minpro_megatron.slurm.stub_server", "--model-path", "m",
+                               "--port", str(p)], stdout=subprocess.DEVNULL) for p in ports]
+    try:
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        (tmp_path / "urls-nodeA.txt").write_text("\n".join(urls) + "\n")
+        (tmp_path / "router_url.txt").write_text(f"http://127.0.0.1:{router.server_address[1]}\n")
+        listed.append(urls[0])
+        with pytest.raises(TimeoutError, match="listing all 2 servers"):
+            fleet.wait_for_fleet(tmp_path, servers=2, router=True, timeout=3, poll=0.1)
+        listed.append(urls[1] + "/")
+        assert fleet.wait_for_fleet(tmp_path, servers=2, router=True, timeout=30, poll=0.1) == urls
+    finally:
+        router.shutdown()
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
