@@ -25,7 +25,8 @@ from minpro_megatron.learner.batch import MicroBatch, TrainSample, global_batch_
 from minpro_megatron.learner.logprobs import capture_output_layer_input, logprobs_from_hidden, prepare_packed_inputs
 from minpro_megatron.learner.model_provider import build_model_chunks, transformer_config_from, unwrap_model
 from minpro_megatron.learner.routing_replay import (
-    check_replay_supported, gather_recorded, moe_layer_numbers, rank_slice, recording, replaying,
+    RoutingTally, check_replay_supported, gather_recorded, moe_layer_numbers, rank_slice, recording, replaying,
+    routing_valid,
 )
 from minpro_megatron.losses import BatchTotals, policy_loss
 from minpro_megatron.parallel.cp_layout import ZigzagLayout
@@ -92,6 +93,8 @@ class Learner:
             check_replay_supported()
         self.routing_log: list[dict[int, torch.Tensor]] | None = None  # set: each forward's recorded routing
         self.last_routing: list[torch.Tensor] | None = None  # last_token_logits' routing per sequence (replay on)
+        self.routing_tally: RoutingTally | None = None  # during train_step: own vs replayed routing (replay on)
+        self.last_routing_tally: RoutingTally | None = None  # the last train_step's
         self.config = transformer_config_from(
             cfg.model, cfg.parallel, **({"moe_enable_routing_replay": True} if self.replay_routing else {})
         )
@@ -225,8 +228,9 @@ class Learner:
         routing = getattr(mb, "routing", None)
         if routing is not None:
             ps = self.ps
-            return replaying(model, rank_slice(routing, ps.get_tensor_model_parallel_world_size(),
-                                               ps.get_tensor_model_parallel_rank(), bool(self.config.sequence_parallel)))
+            tp, rank, sp = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), bool(self.config.sequence_parallel)
+            valid = rank_slice(routing_valid(mb.layout), tp, rank, sp) if self.routing_tally is not None else None
+            return replaying(model, rank_slice(routing, tp, rank, sp), valid, self.routing_tally)
         if self.routing_log is not None:
             rec: dict[int, torch.Tensor] = {}
             self.routing_log.append(rec)
@@ -256,12 +260,19 @@ class Learner:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = self._run_schedule(mbs, loss_fn, forward_only=False)
+        tally = self.routing_tally = RoutingTally() if self.replay_routing else None
+        try:
+            reports = self._run_schedule(mbs, loss_fn, forward_only=False)
+        finally:
+            self.routing_tally = None
         ok, grad_norm = self._guarded_optimizer_step()
         if ok:
             self.scheduler.step(increment=1)
         self.step += 1
         metrics = self._share_from_last_stage(combine_microbatch_metrics(reports) if self.is_last_stage else None)
+        if tally is not None:
+            self.last_routing_tally = tally
+            metrics.update(self._routing_agreement(tally))
         return StepResult(
             step=self.step,
             grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
@@ -269,6 +280,18 @@ class Learner:
             update_successful=bool(ok),
             metrics=metrics,
         )
+
+    def _routing_agreement(self, tally: RoutingTally) -> dict[str, float]:
+        """``mismatch/routing_agree_frac`` (collective): of the replayed (token, MoE layer) pairs of this step,
+        the share where the learner's own router would have chosen the same experts; ``mismatch/routing_pairs``:
+        how many pairs were replayed (every rank's routers: each pair once per TP rank without sequence
+        parallelism, which leaves the fraction unchanged)."""
+        t = torch.tensor([float(sum(tally.agree.values())), float(sum(tally.total.values()))], dtype=torch.float64,
+                         device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t)
+        agree, total = t.tolist()
+        return {"mismatch/routing_agree_frac": agree / total if total else math.nan, "mismatch/routing_pairs": total}
 
     def sft_step(self, shard: Sequence[TrainSample], lr: float | None = None) -> StepResult:
         """One supervised update: token-mean negative log-likelihood of the trained response tokens

@@ -12,6 +12,11 @@ one model chunk to REPLAY_FORWARD with the indices of its own layer (``router.la
 every pipeline stage and virtual chunk picks its own layers) for the tokens this rank routes: the CP-local
 zigzag slice (``pack_routing`` follows the tokens through ``ZigzagLayout``) and, with sequence
 parallelism, this TP rank's contiguous sub-slice of it. ``recording`` captures what the routers choose.
+
+Agreement. With a ``RoutingTally``, ``replaying`` also computes each router's own top-k from its scores and
+counts the (token, MoE layer) pairs whose expert set equals the replayed one, over the tokens that score a
+next token (``routing_valid``): the trainer's ``mismatch/routing_agree_frac``, i.e. how often the learner
+would have routed like the rollout engine without replay (1 - it is the share of routing decisions R3 fixes).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ __all__ = [
     "moe_layer_numbers",
     "routers_of",
     "pack_routing",
+    "routing_valid",
+    "RoutingTally",
     "rank_slice",
     "replaying",
     "recording",
@@ -114,6 +121,47 @@ def pack_routing(routings: Sequence[torch.Tensor], layout: ZigzagLayout, topk: i
     return layout.split(padded)
 
 
+def routing_valid(layout: ZigzagLayout) -> torch.Tensor:
+    """This CP rank's bool ``[T_local]``, token for token with ``pack_routing``: True at every position that
+    scores a next token (each sequence's first seqlen - 1), False at last tokens and padding."""
+    seqlens = [int(x) for x in layout.seqlens]
+    full = torch.cat([torch.arange(n) < n - 1 for n in seqlens])
+    return layout.split(layout.pad(full, False))
+
+
+class RoutingTally:
+    """(token, MoE layer) pairs counted by ``replaying``, per MoE-layer index: ``agree[l]`` of ``total[l]``
+    where the router's own top-k expert set equals the replayed one. A router sees the hidden states of the
+    replayed layers below it, so each layer's count is conditional on the replayed routing upstream."""
+
+    def __init__(self) -> None:
+        self.agree: dict[int, int] = {}
+        self.total: dict[int, int] = {}
+
+    def add(self, layer: int, agree: int, total: int) -> None:
+        self.agree[layer] = self.agree.get(layer, 0) + agree
+        self.total[layer] = self.total.get(layer, 0) + total
+
+
+def _counting(replay: Any, layer: int, valid: torch.Tensor, tally: RoutingTally) -> Any:
+    """``replay.get_replay_topk`` that also tallies the router's own choice against the replayed one."""
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    original = replay.get_replay_topk
+
+    def get_replay_topk(scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
+        out = original(scores, topk, num_groups, group_topk, default_compute_topk)
+        if replay.router_replay_action == RouterReplayAction.REPLAY_FORWARD and default_compute_topk is not None:
+            with torch.no_grad():
+                _, own = default_compute_topk(scores.detach(), topk, num_groups=num_groups, group_topk=group_topk)
+                same = (own.sort(1).values == out[1].to(own.device).sort(1).values).all(1)
+                v = valid.to(same.device)[: same.shape[0]]
+                tally.add(layer, int(same[: v.shape[0]][v].sum()), int(v.sum()))
+        return out
+
+    return get_replay_topk
+
+
 def rank_slice(local: torch.Tensor, tp_size: int, tp_rank: int, sequence_parallel: bool) -> torch.Tensor:
     """The tokens this TP rank's routers see: with sequence parallelism its contiguous 1/TP of the CP-local
     tokens (megatron's [s/tp, b=1] shard), else all of them."""
@@ -124,9 +172,11 @@ def rank_slice(local: torch.Tensor, tp_size: int, tp_rank: int, sequence_paralle
 
 
 @contextmanager
-def replaying(model: torch.nn.Module, routing: torch.Tensor | None) -> Iterator[None]:
+def replaying(model: torch.nn.Module, routing: torch.Tensor | None, valid: torch.Tensor | None = None,
+              tally: RoutingTally | None = None) -> Iterator[None]:
     """Within the block, every router of ``model`` replays ``routing`` ([tokens it routes, L, k], int64);
-    ``None``: the routers choose themselves."""
+    ``None``: the routers choose themselves. ``tally`` (with ``valid``, bool [tokens it routes]): count how
+    often the routers' own choice agrees with the replayed one."""
     if routing is None:
         yield
         return
@@ -141,12 +191,15 @@ def replaying(model: torch.nn.Module, routing: torch.Tensor | None) -> Iterator[
     for idx, r in routers:
         r.set_target_indices(routing[:, idx, :].contiguous())
         r.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        if tally is not None and valid is not None:
+            r.get_replay_topk = _counting(r, idx, valid, tally)  # instance attribute: shadows the method in the block
     try:
         yield
     finally:
         for _, r in routers:
             r.clear_router_replay_action()
             r.clear_indices()
+            r.__dict__.pop("get_replay_topk", None)
 
 
 @contextmanager

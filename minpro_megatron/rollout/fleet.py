@@ -1,7 +1,7 @@
 """The rollout fleet: SGLang servers (+ optional router) as one context manager.
 
     with RolloutFleet.from_config(cfg.rollout, model_path="/ckpt/hf", log_dir="outputs/run/rollout") as fleet:
-        client = fleet.client()                    # generation (through the router, or direct)
+        client = fleet.client()                    # generation (through the router, or direct; direct with routing=)
         groups = client.generate_sync(prompts, SamplingParams(n=8))
         sync = fleet.weight_sync()                 # control calls go to every server, never the router
         fleet.sync_weights(sync, exporter_buckets, step=1)
@@ -184,8 +184,12 @@ class RolloutFleet:
             pending = set(self._pending)
         return [u for u in self.server_urls if u not in pending and u not in dead]
 
-    def generation_endpoints(self) -> list[str]:
-        if self.router_admin is not None:
+    def generation_endpoints(self, routing: bool = False) -> list[str]:
+        """Where generation goes: the router, else the admitted servers. ``routing`` (rollout.routing_replay):
+        the admitted servers even with a router: sglang-router 0.3.2 parses /generate into a typed request
+        without ``return_routed_experts`` and drops that field, so no answer through it carries the routing
+        (tests/rollout/test_routing_replay_sglang.py::test_the_router_drops_return_routed_experts)."""
+        if self.router_admin is not None and not routing:
             return [self.router_admin.url]
         return self.admitted_urls()
 
@@ -196,14 +200,14 @@ class RolloutFleet:
         kw.setdefault("max_attempts", c.request_retries + 1)
         kw.setdefault("request_timeout_s", c.request_timeout_s)
         kw.setdefault("api_key", self.api_key)
-        client = RolloutClient(self.generation_endpoints(), **kw)
+        client = RolloutClient(self.generation_endpoints(routing=kw.get("routing") is not None), **kw)
         self._clients.append(client)
         return client
 
     def _refresh_clients(self) -> None:
-        eps = self.generation_endpoints()
-        if eps:
-            for cl in self._clients:
+        for cl in self._clients:
+            eps = self.generation_endpoints(routing=cl.routing is not None)
+            if eps:
                 cl.set_endpoints(eps)
 
     def _on_death(self, index: int, server: SGLangServer) -> None:

@@ -45,7 +45,8 @@ def decode_routed_experts(meta: dict, n_tokens: int, spec: RoutingSpec, where: s
         raise ServerResponseError(
             f"{where}.routed_experts is missing or not a base64 string (got {type(raw).__name__}); with "
             f"rollout.routing_replay=rollout the servers need {SERVER_FLAG} (the fleet adds it to servers it starts; "
-            "add it to servers you run yourself)"
+            "add it to servers you run yourself), and requests must reach them directly: sglang-router 0.3.2 drops "
+            "the request's return_routed_experts (the fleet's routing client bypasses the router)"
         )
     ids = np.frombuffer(base64.b64decode(raw), dtype=np.int32)
     rows = n_tokens - 1

@@ -33,8 +33,8 @@ def encode_groups(groups_by_rank: Mapping[int, Sequence[SampleGroup]]) -> tuple[
                 ints += [s.prompt_index, s.sample_index, len(s.prompt_ids), len(s.response_ids), _FINISH[s.finish_reason]]
                 ints += list(s.prompt_ids) + list(s.response_ids) + list(s.weight_versions)
                 floats += list(s.logprobs)
-                r = s.routed_experts  # rollout.routing_replay: [tokens - 1, L, k] (as int64 here: tiny next to tokens)
-                ints += [0] if r is None else [1, *r.shape, _DTYPE_CODE[r.dtype], *r.reshape(-1).tolist()]
+                r = s.routed_experts  # rollout.routing_replay: [tokens - 1, L, k], its bytes packed 8 per int64
+                ints += [0] if r is None else [1, *r.shape, _DTYPE_CODE[r.dtype], *_pack_bytes(r)]
     return torch.tensor(ints, dtype=torch.int64), torch.tensor(floats, dtype=torch.float64)
 
 
@@ -65,8 +65,12 @@ def decode_groups(ints: torch.Tensor, floats: torch.Tensor, server_url: str = "s
                 if it[pos]:
                     n, layers, k, code = it[pos + 1 : pos + 5]
                     pos += 5
-                    routed = ints[pos : pos + n * layers * k].reshape(n, layers, k).to(_CODE_DTYPE[code])
-                    pos += n * layers * k
+                    dtype = _CODE_DTYPE[code]
+                    nbytes = n * layers * k * dtype.itemsize
+                    words = -(-nbytes // 8)
+                    raw = ints[pos : pos + words].contiguous().view(torch.uint8)[:nbytes]
+                    routed = raw.view(dtype).reshape(n, layers, k).clone()
+                    pos += words
                 else:
                     pos += 1
                 g.append(
@@ -79,6 +83,16 @@ def decode_groups(ints: torch.Tensor, floats: torch.Tensor, server_url: str = "s
             groups.append(g)
         out[rank] = groups
     return out
+
+
+def _pack_bytes(t: torch.Tensor) -> list[int]:
+    """The bytes of ``t`` as int64 words (zero-padded to a multiple of 8): a uint8 routing payload costs 1/8
+    of an int64 per id, not a whole one."""
+    raw = t.contiguous().reshape(-1).view(torch.uint8)
+    pad = (-raw.numel()) % 8
+    if pad:
+        raw = torch.cat([raw, torch.zeros(pad, dtype=torch.uint8)])
+    return raw.view(torch.int64).tolist()
 
 
 def _spans(versions: Sequence[int]) -> list[WeightVersionSpan]:

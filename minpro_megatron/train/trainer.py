@@ -207,7 +207,8 @@ class RLTrainer:
         for u in range(k):
             r = self.learner.train_step(samples[u * per : (u + 1) * per])
             self.guard.count(r.update_successful, self.rl_step)
-            out.append({**{f"loss/{name}": v for name, v in r.metrics.items()}, "optim/grad_norm": r.grad_norm,
+            out.append({**{(name if name.startswith("mismatch/") else f"loss/{name}"): v for name, v in r.metrics.items()},
+                        "optim/grad_norm": r.grad_norm,
                         "optim/lr": r.lr, "optim/update_skipped": float(not r.update_successful)})
         return out
 

@@ -108,13 +108,16 @@ def single_process(out_dir: str | None) -> dict:
     engine = local_engine_check(learner)
     step = learner.train_step(given)
     return {"engine": engine, "replayed": replayed, "own": own, "own_replayed": own_replayed, "maps_replay": maps_replay,
-            "maps_own": maps_own, "recorded": recorded, "loss": step.loss, "grad_norm": step.grad_norm}
+            "maps_own": maps_own, "recorded": recorded, "loss": step.loss, "grad_norm": step.grad_norm,
+            "agree_frac": step.metrics["mismatch/routing_agree_frac"], "pairs": step.metrics["mismatch/routing_pairs"],
+            "agree_by_layer": dict(learner.last_routing_tally.agree)}
 
 
 def test_replay_routes_every_token_as_given() -> None:
     (r,) = run_multiprocess(single_process, 1, None, timeout=600)
     given = samples()
     same_as_own = total = 0
+    first_layer_same = 0
     for layer in range(1, LAYERS + 1):
         for i, s in enumerate(given):
             want = torch.zeros(s.tokens.numel() - 1, EXPERTS, dtype=torch.bool)
@@ -123,9 +126,16 @@ def test_replay_routes_every_token_as_given() -> None:
             assert torch.equal(got, want), (layer, i)
             own = r["maps_own"][layer][i][: s.tokens.numel() - 1]
             same_as_own += int((own == want).all(1).sum())
+            first_layer_same += int((own == want).all(1).sum()) if layer == 1 else 0
             total += want.shape[0]
     # the given routing is not what the routers choose: replay is what made them agree
     assert same_as_own < total / 2, (same_as_own, total)
+    # the train step (same weights, same tokens) tallies own vs replayed routing over the same pairs: the first
+    # layer sees the same inputs as the unreplayed forward, so its count is exact; later layers see the
+    # replayed layers' outputs (mismatch/routing_agree_frac is conditional on the replay upstream)
+    assert r["pairs"] == total
+    assert r["agree_by_layer"][0] == first_layer_same, (r["agree_by_layer"], first_layer_same)
+    assert r["agree_frac"] == pytest.approx(sum(r["agree_by_layer"].values()) / total, abs=1e-12)
     diff = max(float((a - b).abs().max()) for a, b in zip(r["replayed"], r["own"]))
     assert diff > 1e-2, diff
     # the learner's own routing, recorded then replayed, reproduces its log-probs exactly

@@ -94,3 +94,39 @@ def test_replay_makes_the_learner_route_like_the_server(tiny_models, tmp_path) -
     same, total = counts["replay"][:2]
     assert same == total
     assert counts["replay"][2] <= counts["own"][2] + 1e-6  # replay brings the learner closer to the server
+
+
+def test_the_router_drops_return_routed_experts(tiny_models, tmp_path) -> None:
+    """sglang-router 0.3.2 parses /generate into a typed request without ``return_routed_experts``: an answer
+    through it has no routing. The fleet's routing client therefore talks to the servers directly (if this
+    test fails on the first assertion, a newer router forwards the field and could be used again)."""
+    import requests
+
+    model, tok, path = tiny_models["A"]
+    cfg = RolloutConfig(backend="sglang", num_servers=1, use_router=True, base_port=0, router_port=0,
+                        server_dtype="float32", server_device="cpu", routing_replay="rollout")
+    fleet = RolloutFleet(cfg, model_path=path, log_dir=tmp_path / "logs", monitor_interval_s=None)
+    fleet.start()
+    try:
+        router = fleet.generation_endpoints()[0]
+        assert router == fleet.router_admin.url
+        ids = tok("12+34=").input_ids
+        body = {"input_ids": ids, "sampling_params": {"temperature": 0.0, "max_new_tokens": 4},
+                "return_routed_experts": True}
+        through_router = requests.post(f"{router}/generate", json=body, timeout=120).json()
+        direct = requests.post(f"{fleet.server_urls[0]}/generate", json=body, timeout=120).json()
+        assert "routed_experts" not in through_router["meta_info"]
+        assert isinstance(direct["meta_info"]["routed_experts"], str)
+
+        hf = model.config
+        spec = RoutingSpec(hf.num_hidden_layers, tuple(range(hf.num_hidden_layers)), hf.num_experts_per_tok, hf.num_experts)
+        client = fleet.client(progress=False, routing=spec)
+        plain = fleet.client(progress=False)
+        assert client.endpoints == fleet.server_urls and plain.endpoints == [router]
+        for params in (SamplingParams(temperature=0.0, max_new_tokens=4), SamplingParams(temperature=1.0, max_new_tokens=4, n=4)):
+            groups = client.generate_sync([ids, tok("5+6=").input_ids], params)
+            for g in groups:
+                for s in g:
+                    assert s.routed_experts.shape == (len(s.prompt_ids) + len(s.response_ids) - 1, spec.num_layers, spec.topk)
+    finally:
+        fleet.stop()
