@@ -49,18 +49,39 @@ def _may_change(key: str) -> bool:
     return any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUME_MAY_CHANGE)
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+class _Absent:
+    """A field the checkpoint's config does not have: the code that wrote it predates the field."""
+
+    def __init__(self, default: Any):
+        self.default = default
+
+    def __repr__(self) -> str:
+        return f"absent (written before the field existed, so it ran as the default {self.default!r})"
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       defaults: Mapping[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
     """(field, saved value, current value) for every field that differs and may not change on resume.
-    Fields only one side knows (added to the code since the checkpoint) are not compared."""
+
+    A field the checkpoint lacks was added to the code after it was written; a new field's default keeps
+    the old behaviour, so with ``defaults`` (the schema's defaults) the current value is compared with that
+    default. Without ``defaults``, or for a field the schema does not know, it is not compared. Fields only
+    the checkpoint has (removed since) are not compared."""
     a, b = flatten(saved), flatten(current)
-    return [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k] and not _may_change(k)]
+    d = flatten(defaults) if defaults is not None else {}
+    diff = [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k] and not _may_change(k)]
+    diff += [(k, _Absent(d[k]), b[k]) for k in sorted(b.keys() - a.keys())
+             if k in d and b[k] != d[k] and not _may_change(k)]
+    return sorted(diff, key=lambda t: t[0])
 
 
-def check_resume_config(saved: Mapping[str, Any] | None, current: Mapping[str, Any], where: str) -> None:
-    """Raise ConfigError naming every field of ``current`` that differs from the checkpoint's config."""
+def check_resume_config(saved: Mapping[str, Any] | None, current: Mapping[str, Any], where: str,
+                        defaults: Mapping[str, Any] | None = None) -> None:
+    """Raise ConfigError naming every field of ``current`` that differs from the checkpoint's config
+    (``defaults``: see ``config_differences``)."""
     if saved is None:
         return  # a checkpoint written before configs were stored: nothing to compare
-    diff = config_differences(saved, current)
+    diff = config_differences(saved, current, defaults)
     if diff:
         fields = "; ".join(f"{k}: checkpoint {v0!r}, now {v1!r}" for k, v0, v1 in diff)
         raise ConfigError(

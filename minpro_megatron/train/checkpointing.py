@@ -72,7 +72,7 @@ def resume(learner: Any, cfg: RunConfig, ckpt_dir: Path, rank: int) -> Resumed:
     from minpro_megatron.config.resume import check_resume_config
 
     path, common = read_common(root)
-    check_resume_config((common.get("extra") or {}).get("config"), to_dict(cfg), str(path))
+    check_resume_config((common.get("extra") or {}).get("config"), to_dict(cfg), str(path), defaults=to_dict(RunConfig()))
     extra = load_checkpoint(learner, root)
     state = load_rank_state(root)
     if rank == 0:
