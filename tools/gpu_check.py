@@ -15,6 +15,13 @@ Parts (select with --parts, default all):
   c  Colocated tensor transport into an SGLang server on the same GPU, same probe (needs CUDA + sglang).
   d  Chunked vocabulary-parallel log-probs at V=151936, T=16384, H=2048 (bf16 inputs): log-probs,
      entropy and hidden gradient equal the naive [T, V] log_softmax path; peak GPU memory of both.
+  e  Quantized rollouts (rollout.quantization=fp8). An SGLang server on the GPU boots from a real fp8 export
+     (float8_e4m3fn weights + per-tensor scales, SGLang's fp8 loader, dynamic per-token activations) of
+     policy A, then receives policy B as fp8 buckets through the distributed transport; the probe must
+     match transformers fp32 models holding the dequantized weights of A (boot) and B (after the sync) to
+     0.15 (bf16 compute + fp8 activations), and the server must have moved away from A. Reports the bytes
+     per sync against bf16. On the CPU the same flow in dequantized mode (fp32 weights, 1e-4). SKIP
+     without sglang / nvidia-modelopt, or on a GPU below sm_89.
 
 Installs nothing by itself: the machine must already have megatron-core (and optionally TransformerEngine
 and SGLang with its CUDA kernels); see docs/gpu.md for how the check was run and what it printed.

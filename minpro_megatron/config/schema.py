@@ -243,6 +243,12 @@ class RolloutConfig:
                 f"rollout.quantization={self.quantization} with quantization_mode=real needs GPU servers (SGLang has no "
                 "CPU fp8/int4 kernels); on CPU use rollout.quantization_mode=dequantized (or auto)"
             )
+        if self.quantization != "none" and self.quantization_mode == "real" and self.backend == "local":
+            raise ConfigError(
+                f"rollout.quantization={self.quantization} with quantization_mode=real: the local engine samples with "
+                "the learner's model, which has no fp8/int4 kernels; use rollout.quantization_mode=dequantized (or auto) "
+                "or rollout.backend=sglang with GPU servers"
+            )
         if self.keep_exports < 1:
             raise ConfigError(f"rollout.keep_exports={self.keep_exports} must be >= 1 (the servers boot from the newest)")
         if self.verify_threshold is not None and self.verify_threshold < 0:

@@ -9,6 +9,8 @@ b  export: the streaming HF exporter over the device's process group (NCCL on GP
    needs SGLang with its CUDA kernels.
 c  colocated tensor transport into a server on the same GPU (needs SGLang with CUDA).
 d  chunked vocabulary log-probs vs the naive [T, V] log_softmax: values and peak memory.
+e  quantized rollouts (gpucheck/quantized.py): an SGLang server boots from a real fp8 export and receives fp8
+   buckets (GPU); on the CPU the same flow in dequantized mode.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from minpro_megatron.gpucheck.environment import Environment
 from minpro_megatron.gpucheck.report import CheckResult, Status, compare
 
-__all__ = ["CheckContext", "PARTS", "part_learner", "part_export", "part_tensor_transport", "part_logprobs"]
+__all__ = ["CheckContext", "PARTS", "part_learner", "part_export", "part_tensor_transport", "part_logprobs", "part_quantized"]
 
 # Tolerances, with the reason for each.
 # fp32 on the device vs fp32 on the CPU: same math, different kernels and summation order (TF32 off).
@@ -243,9 +245,16 @@ def part_logprobs(ctx: CheckContext) -> list[CheckResult]:
     return [res]
 
 
+def part_quantized(ctx: CheckContext) -> list[CheckResult]:
+    from minpro_megatron.gpucheck.quantized import run_part
+
+    return run_part(ctx)
+
+
 PARTS = {
     "a": ("learner step on the device vs the CPU fp32 reference (local spec, and TE when importable)", part_learner),
     "b": ("streaming exporter over the device's process group; push into an SGLang server + probe", part_export),
     "c": ("colocated tensor transport into an SGLang server on the same GPU", part_tensor_transport),
     "d": ("chunked vocabulary log-probs vs naive log_softmax: values and peak memory", part_logprobs),
+    "e": ("fp8 rollouts: SGLang booted from a real fp8 export, fp8 buckets synced, probe + bytes per sync", part_quantized),
 }

@@ -80,8 +80,11 @@ def make_engine(cfg: "RunConfig", learner: "Learner", eos_id: int, tokenizer: An
     """The engine ``rollout.backend`` names, serving the learner's current weights as ``version``."""
     if cfg.rollout.backend == "local":
         from minpro_megatron.rollout.local_engine import LocalEngine
+        from minpro_megatron.weights.served_weights import ServedWeights
 
-        engine = LocalEngine(learner, eos_token_id=eos_id, seed=cfg.train.seed)
+        # rollout.quantization: the local engine samples with the weights a dequantized-mode server serves
+        engine = LocalEngine(learner, eos_token_id=eos_id, seed=cfg.train.seed,
+                             served=ServedWeights.from_config(learner.model, cfg))
         engine.update_weights(version)
         return engine
     from minpro_megatron.rollout.sglang_engine import SGLangEngine

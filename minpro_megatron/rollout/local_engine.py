@@ -9,12 +9,15 @@ sampled token, the same scaling the learner's log-prob code uses; samples are ta
 version the learner holds, so every staleness mode works without SGLang. With rollout.routing_replay the
 engine records its routing like a server does: each token's experts from the forward that first took it
 as input (prompt: the first step; a response token: the step after it was sampled), so a sample carries
-[prompt + response - 1, MoE layers, top-k] (learner/routing_replay.py).
+[prompt + response - 1, MoE layers, top-k] (learner/routing_replay.py). With rollout.quantization the
+engine samples with the weights a dequantized-mode server would serve (weights/served_weights.py: swapped
+into the model for each generation call, the learner's own weights restored after it).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -25,6 +28,7 @@ from minpro_megatron.rollout.types import RolloutSample, SampleGroup, SamplingPa
 
 if TYPE_CHECKING:
     from minpro_megatron.learner.learner import Learner
+    from minpro_megatron.weights.served_weights import ServedWeights
 
 __all__ = ["LocalEngine"]
 
@@ -38,8 +42,9 @@ class LocalEngine:
     """A ``RolloutEngine`` (rollout/engine.py) without servers: generation is synchronous, so ``start``
     returns the finished groups."""
 
-    def __init__(self, learner: "Learner", eos_token_id: int, seed: int = 0) -> None:
+    def __init__(self, learner: "Learner", eos_token_id: int, seed: int = 0, served: "ServedWeights | None" = None) -> None:
         self.learner = learner
+        self.served = served  # rollout.quantization: sample with the dequantized-mode server's weights
         self.eos_token_id = eos_token_id
         self.seed = seed
         self.version = 0
@@ -68,10 +73,14 @@ class LocalEngine:
     def close(self) -> None:
         pass
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[SampleGroup]:
         """``params.n`` samples for each prompt (one group per prompt, in prompt order)."""
         params.validate()
+        with self.served.swapped() if self.served is not None else nullcontext():
+            return self._generate(prompts, params)
+
+    @torch.no_grad()
+    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[SampleGroup]:
         ps = self.learner.ps
         self._calls += 1
         # Same stream on the TP / CP / PP ranks of one DP rank, different across DP ranks and calls.
