@@ -41,7 +41,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("bench_logprobs", ["--tokens", "4096", "--vocab", "32768"]),
     ("bench_attention", ["--reps", "3"]),
     ("bench_convert", ["--layers", "4"]),
-    ("bench_learner_overhead", ["--rounds", "7"]),
+    ("bench_learner_overhead", ["--rounds", "5"]),
     ("bench_memory_estimate", []),
     ("bench_weight_sync", ["--models", "27:bfloat16,512:float32", "--bucket-mb", "64,0", "--reps", "2"]),
     ("bench_rollout", ["--prompts", "32", "--output-len", "32", "--reps", "2"]),
