@@ -190,7 +190,7 @@ class RolloutConfig:
     server_tp_size: int = 1  # tensor parallel size of each SGLang server
     server_max_total_tokens: int | None = None  # None: 4096 on CPU, SGLang's default on GPU
     server_extra_args: list[str] = field(default_factory=list)  # appended to sglang.launch_server
-    server_startup_timeout_s: float = 240.0  # seconds to wait for a server's /health
+    server_startup_timeout_s: float = 240.0  # seconds to wait for a server's /health (and for the router we start to go live)
     restart_dead_servers: bool = True  # restart a server that exits and re-sync it before routing to it
     temperature: float = 1.0  # sampling temperature (the learner's log-probs use the same one)
     top_p: float = 1.0  # nucleus sampling threshold

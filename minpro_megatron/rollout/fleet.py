@@ -136,7 +136,7 @@ class RolloutFleet:
                     self.log_dir / "router.log", host=c.host, port=None if c.router_port == 0 else c.router_port,
                     policy=c.router_policy, api_key=self.api_key, pid_file=self.pid_file,
                 )
-                self.router.start()
+                self.router.start(timeout_s=c.server_startup_timeout_s)  # a CPU-starved host imports slowly
                 self.router_admin = RouterAdmin(self.router.url, api_key=self.api_key)
             if self.router_admin is not None:
                 already = set(self.router_admin.worker_urls(healthy_only=False))
