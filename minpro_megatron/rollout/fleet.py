@@ -43,11 +43,6 @@ __all__ = ["RolloutFleet"]
 
 log = logging.getLogger(__name__)
 
-# rollout.partial: a sync resumes the retracted rollouts first, and the weight probe (priority 1,
-# weights/verify.py) would wait behind all of them; with priority scheduling it goes first (rollouts have 0),
-# without preempting a running request
-PARTIAL_SERVER_ARGS = ["--enable-priority-scheduling", "--default-priority-value", "0", "--disable-priority-preemption"]
-
 
 class RolloutFleet:
     def __init__(
@@ -114,8 +109,7 @@ class RolloutFleet:
                     tp_size=c.server_tp_size,
                     max_total_tokens=c.server_max_total_tokens,
                     extra_args=list(c.server_extra_args) + (
-                        ["--enable-return-routed-experts"] if c.routing_replay == "rollout" else []) + (  # R3
-                        PARTIAL_SERVER_ARGS if c.partial else []),
+                        ["--enable-return-routed-experts"] if c.routing_replay == "rollout" else []),  # R3
                     startup_timeout_s=c.server_startup_timeout_s,
                     api_key=self.api_key,
                 )

@@ -62,7 +62,6 @@ def server_probe_logprobs(
         "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True},
         "return_logprob": True,
         "logprob_start_len": 0,
-        "priority": 1,  # before the rollouts on servers with priority scheduling (rollout.partial); ignored elsewhere
     }
     with requests.Session() as http:
         http.trust_env = False
