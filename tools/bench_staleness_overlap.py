@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Step time with staleness 0 vs staleness 2 on the embedded default, measured in one run.
+"""Step time with staleness 0 vs staleness 2 (or vs in-flight weight updates) on the embedded default, in one run.
 
 With exact delay n >= 1 the batch of step s + n is generated (on the SGLang fleet, by rank 0's async
 client) while the learner trains step s, so a step costs about max(rollout, train) + sync instead of
@@ -8,6 +8,13 @@ it is measured as the reference. Each configuration runs as its own trainer proc
 the mean over steps after the first two (start-up and the initial n + 1 batches excluded).
 
     python tools/bench_staleness_overlap.py [--steps 8] [--backends sglang local] [--png overlap.png]
+
+``--mode inflight``: SGLang only, staleness 0 vs in-flight weight updates (rollout.partial: bounded age 1,
+servers paused in 'retract' mode, so the run-ahead generation continues across the weight sync and is
+collected at the next step), against the ideal max(train, generate) taken from the staleness-0 run, where
+the two are measured one after the other.
+
+    python tools/bench_staleness_overlap.py --mode inflight [--steps 8]
 """
 
 from __future__ import annotations
@@ -25,16 +32,19 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples" / "tiny_moe_cpu.yaml"
 
 
-def run(backend: str, n: int, steps: int, out: Path) -> dict[str, float]:
+PARTIAL = ["rollout.partial=true", "rollout.pause_mode=retract", "rollout.staleness.mode=bounded"]  # + n=1
+
+
+def run(backend: str, n: int, steps: int, out: Path, extra: list[str] = ()) -> dict[str, float]:
     overrides = [f"train.steps={steps}", "train.warm_start_steps=20", f"rollout.staleness.n={n}",
                  f"rollout.backend={backend}", f"logging.output_dir={out}", "data.num_eval=32",
-                 "checkpoint.save_interval=0"]  # no checkpoints: no step time includes one, and the final save (seconds on CPU) is skipped
+                 "checkpoint.save_interval=0", *extra]  # no checkpoints: no step time includes one, and the final save (seconds on CPU) is skipped
     if backend == "sglang":
         overrides += ["rollout.num_servers=1", "rollout.base_port=0", "rollout.router_port=0"]
     cmd = [sys.executable, "-m", "minpro_megatron.cli", "train", str(CONFIG), *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode:
-        raise RuntimeError(f"{backend} n={n} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{backend} n={n} {' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "tb" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/step_s" in r and r["step"] > 2]
     keys = ["time/step_s", "time/rollout_s", "time/rollout_wait_s", "time/train_s", "time/sync_s"]
@@ -46,7 +56,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--backends", nargs="+", default=["sglang", "local"])
     ap.add_argument("--png", default=None)
+    ap.add_argument("--mode", choices=["overlap", "inflight"], default="overlap")
     args = ap.parse_args()
+    if args.mode == "inflight":
+        return inflight(args.steps)
     results: dict[tuple[str, int], dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
@@ -87,6 +100,29 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(args.png, dpi=110)
         print(f"\nplot: {args.png}")
+
+
+def inflight(steps: int) -> None:
+    """Staleness 0 vs in-flight weight updates (rollout.partial) vs the ideal max(train, generate)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = run("sglang", 0, steps, Path(tmp) / "n0")
+        part = run("sglang", 1, steps, Path(tmp) / "partial", PARTIAL)
+    ideal = max(base["time/train_s"], base["time/rollout_s"])
+    print(f"\n## Step time, staleness 0 vs in-flight weight updates (embedded default, sglang; mean of steps 3..{steps}; seconds)\n")
+    print("| run | step | rollout | waited for rollout | train | sync | step / step(n=0) | step / ideal |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in (("staleness 0", base), ("in-flight (partial, bounded n=1)", part)):
+        print(f"| {name} | {r['time/step_s']:.3f} | {r['time/rollout_s']:.3f} | {r['time/rollout_wait_s']:.3f} | "
+              f"{r['time/train_s']:.3f} | {r['time/sync_s']:.3f} | {r['time/step_s'] / base['time/step_s']:.2f} | "
+              f"{r['time/step_s'] / ideal:.2f} |")
+    print(f"| ideal max(train, generate) of the staleness-0 run | {ideal:.3f} | | | | | {ideal / base['time/step_s']:.2f} | 1.00 |")
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_common import report
+
+    ratio = part["time/step_s"] / base["time/step_s"]
+    report("bench_staleness_overlap", f"sglang, in-flight updates vs staleness 0, {steps} steps",
+           f"step time {ratio:.2f}x ({part['time/step_s']:.3f} s vs {base['time/step_s']:.3f} s); "
+           f"{part['time/step_s'] / ideal:.2f}x the ideal max(train, generate) = {ideal:.3f} s", "<= 0.9x", ratio <= 0.9)
 
 
 if __name__ == "__main__":

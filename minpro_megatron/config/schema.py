@@ -17,6 +17,7 @@ from typing import Iterable, Literal
 from minpro_megatron.config.base import ConfigError, load_yaml_config, to_dict
 from minpro_megatron.config.layout_rules import check_layout, check_world
 from minpro_megatron.config.loss import LossConfig
+from minpro_megatron.config.partial import check_partial
 from minpro_megatron.config.slurm import SlurmConfig
 from minpro_megatron.config.warm_start import check_warm_start
 
@@ -202,6 +203,7 @@ class RolloutConfig:
     weight_transport: Literal["distributed", "disk", "tensor"] = "distributed"
     bucket_mb: int = 64  # size of one weight-update bucket in MiB (64: fastest measured, tools/bench_weight_sync.py)
     pause_mode: Literal["abort", "retract"] = "abort"  # abort: in-flight requests are retried by the client
+    partial: bool = False  # in-flight weight updates: generation continues across a sync, a response holds tokens of several versions (needs pause_mode=retract, staleness bounded n >= 1)
     weight_sync_timeout_s: float = 300.0  # seconds allowed for one weight update
     weight_sync_master_address: str = "127.0.0.1"  # the trainer's address as the servers reach it (multi-node: its IP)
     verify_threshold: float | None = None  # max |logp diff| allowed after a sync (None: report only)
@@ -399,6 +401,8 @@ class RunConfig:
             )
         if self.rollout.staleness.n < 0:
             raise ConfigError(f"rollout.staleness.n must be >= 0, got {self.rollout.staleness.n}")
+        if self.rollout.partial:
+            check_partial(self.rollout, self.loss)
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = (), *, resolve_model: bool = True) -> RunConfig:

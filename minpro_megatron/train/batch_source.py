@@ -5,6 +5,9 @@
   (generation overlaps the update with SGLang).
 - ``BoundedAgeSource`` (mode=bounded): generation runs ahead; a group is admitted while its oldest token
   is at most n versions old; older ones are dropped or their prompts requeued (rollout/buffer.py).
+  With ``rollout.partial`` (in-flight weight updates) the run-ahead generation is not joined before the
+  weight sync: it continues across it (the servers retract and resume its requests) and is collected at
+  the next step, so its responses hold tokens of two versions.
 
 Both are collective (every rank calls them in the same order) and checkpoint what they hold.
 
@@ -129,7 +132,9 @@ class ExactDelaySource:
 
 
 class BoundedAgeSource:
-    def __init__(self, n: int, overflow: str, rollouts: Rollouts, stream: PromptStream, batch_size: int) -> None:
+    def __init__(self, n: int, overflow: str, rollouts: Rollouts, stream: PromptStream, batch_size: int,
+                 partial: bool = False) -> None:
+        self.partial = partial  # rollout.partial: the run-ahead generation continues across the weight sync
         self.buffer: BoundedAgeBuffer[Group] = BoundedAgeBuffer(n, overflow)  # type: ignore[arg-type]
         self.rollouts, self.stream, self.batch_size = rollouts, stream, batch_size
         self.dp = rollouts.dp
@@ -139,8 +144,11 @@ class BoundedAgeSource:
 
     def next_batch(self, step: int) -> tuple[list[Group], RolloutStats]:
         self._before = {"stream": self.stream.state_dict(), "buffer": self.buffer.state_dict()}
-        self._before_inflight = None
         stats = RolloutStats()
+        if self.partial and self._inflight:  # the run-ahead generation went on across the sync: collect it now
+            self._before["stream"] = self._before_inflight  # a failed collection gives its prompts back too
+            stats += self._collect()
+        self._before_inflight = None
         need = self.batch_size // self.dp.size
         taken: list[Group] = []
         # Generation is collective across DP ranks when experts span them (EP > 1), so every decision to
@@ -169,6 +177,11 @@ class BoundedAgeSource:
         return taken, stats
 
     def join(self) -> RolloutStats:
+        if self.partial:  # in-flight weight updates: generation continues across the sync, next_batch collects it
+            return RolloutStats()
+        return self._collect()
+
+    def _collect(self) -> RolloutStats:
         stats = RolloutStats()
         for started in self._inflight:
             groups, s = self.rollouts.finish(started)
@@ -199,9 +212,14 @@ class BoundedAgeSource:
 
     def state_dict(self) -> dict[str, Any]:
         state = self.buffer.state_dict()
-        return {"buffer": {**state, "queue": [g.to_state() for g in state["queue"]]}}
+        out: dict[str, Any] = {"buffer": {**state, "queue": [g.to_state() for g in state["queue"]]}}
+        if self._inflight:  # rollout.partial saves with a generation in flight: a resumed run takes its prompts again
+            out["stream_before_inflight"] = self._before_inflight
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("stream_before_inflight") is not None:  # loaded after the trainer's "stream" (trainer.py)
+            self.stream.load_state_dict(state["stream_before_inflight"])
         if "buffer" in state:
             bs = dict(state["buffer"])
             self.buffer.load_state_dict({**bs, "queue": [Group.from_state(g) for g in bs["queue"]]})
@@ -211,4 +229,4 @@ def make_batch_source(cfg: RunConfig, rollouts: Rollouts, stream: PromptStream) 
     st = cfg.rollout.staleness
     if st.mode == "exact":
         return ExactDelaySource(st.n, rollouts, stream, cfg.train.rollout_batch_size)
-    return BoundedAgeSource(st.n, st.overflow, rollouts, stream, cfg.train.rollout_batch_size)
+    return BoundedAgeSource(st.n, st.overflow, rollouts, stream, cfg.train.rollout_batch_size, cfg.rollout.partial)

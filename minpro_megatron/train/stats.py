@@ -52,7 +52,7 @@ def rollout_metrics(groups: Sequence[Group], consumed_at: int, dp_group: Any, dp
     local = torch.tensor(
         [sum(rewards), sum(r * r for r in rewards), len(rewards), sum(1.0 for r in rewards if r >= 1.0),
          sum(lengths), sum(consumed_at - v for v in versions), len(versions), sum(1 for g in groups if len(set(g.rewards)) == 1),
-         len(groups)],
+         len(groups), sum(1 for g in groups for s in g.samples if len(set(s.weight_versions)) > 1)],
         dtype=torch.float64,
     )
     t = all_reduce_sum(local, dp_group).tolist()
@@ -67,6 +67,7 @@ def rollout_metrics(groups: Sequence[Group], consumed_at: int, dp_group: Any, dp
         "rollout/zero_adv_group_frac": t[7] / max(len(groups) * dp_size, 1),
         "rollout/prompts": t[8],  # counted: a prompt lost or answered twice (retries, restarts) shows here
         "rollout/samples": t[2],
+        "rollout/multi_version_samples": t[9],  # responses with tokens of several versions (rollout.partial)
     }
     return out, token_age_histogram(versions, consumed_at)
 
