@@ -15,6 +15,9 @@ collected at the next step), against the ideal max(train, generate) taken from t
 the two are measured one after the other.
 
     python tools/bench_staleness_overlap.py --mode inflight [--steps 8]
+
+``--mode all`` (what ``make bench`` runs): SGLang only, both comparisons from one staleness-0 run (three
+trainer runs instead of four).
 """
 
 from __future__ import annotations
@@ -56,15 +59,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--backends", nargs="+", default=["sglang", "local"])
     ap.add_argument("--png", default=None)
-    ap.add_argument("--mode", choices=["overlap", "inflight"], default="overlap")
+    ap.add_argument("--mode", choices=["overlap", "inflight", "all"], default="overlap")
     args = ap.parse_args()
     if args.mode == "inflight":
         return inflight(args.steps)
+    backends = ["sglang"] if args.mode == "all" else args.backends
     results: dict[tuple[str, int], dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for backend in args.backends:
+        for backend in backends:
             for n in (0, 2):
                 results[(backend, n)] = run(backend, n, args.steps, Path(tmp) / f"{backend}-n{n}")
+        if args.mode == "all":
+            inflight(args.steps, base=results[("sglang", 0)])
     print("\n## Step time, staleness 0 vs 2 (embedded default; mean of steps 3..N; seconds)\n")
     print("| backend | n | step | rollout | waited for rollout | train | sync | step / step(n=0) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -75,7 +81,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "tools"))
     from bench_common import report
 
-    for backend in args.backends:
+    for backend in backends:
         ratio = results[(backend, 2)]["time/step_s"] / results[(backend, 0)]["time/step_s"]
         overlap = backend == "sglang"  # the local engine shares the learner's process: reference only
         report("bench_staleness_overlap", f"{backend}, staleness 2 vs 0, {args.steps} steps",
@@ -102,10 +108,12 @@ def main() -> None:
         print(f"\nplot: {args.png}")
 
 
-def inflight(steps: int) -> None:
-    """Staleness 0 vs in-flight weight updates (rollout.partial) vs the ideal max(train, generate)."""
+def inflight(steps: int, base: dict[str, float] | None = None) -> None:
+    """Staleness 0 (``base`` if already measured in this run) vs in-flight weight updates (rollout.partial) vs
+    the ideal max(train, generate)."""
     with tempfile.TemporaryDirectory() as tmp:
-        base = run("sglang", 0, steps, Path(tmp) / "n0")
+        if base is None:
+            base = run("sglang", 0, steps, Path(tmp) / "n0")
         part = run("sglang", 1, steps, Path(tmp) / "partial", PARTIAL)
     ideal = max(base["time/train_s"], base["time/rollout_s"])
     print(f"\n## Step time, staleness 0 vs in-flight weight updates (embedded default, sglang; mean of steps 3..{steps}; seconds)\n")

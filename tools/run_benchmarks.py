@@ -37,15 +37,15 @@ from bench_common import RESULT_PREFIX  # noqa: E402
 # a spread; rollout 32 prompts x 32 new tokens (the ratio is per repetition, against SGLang's client on
 # the same requests); staleness 5 steps (steps 3-5 are the steady state that is averaged).
 BENCHMARKS: list[tuple[str, list[str]]] = [
-    ("bench_losses", ["--tokens", "8192", "32768", "131072", "--repeats", "9"]),
+    ("bench_losses", ["--tokens", "8192", "32768", "131072", "--repeats", "15"]),
     ("bench_logprobs", ["--tokens", "4096", "--vocab", "32768"]),
     ("bench_attention", ["--reps", "3"]),
-    ("bench_convert", ["--layers", "4"]),
+    ("bench_convert", ["--layers", "2"]),
     ("bench_learner_overhead", ["--rounds", "5"]),
     ("bench_memory_estimate", []),
     ("bench_weight_sync", ["--models", "27:bfloat16,512:float32", "--bucket-mb", "64,0", "--reps", "2"]),
     ("bench_rollout", ["--prompts", "32", "--output-len", "32", "--reps", "2"]),
-    ("bench_staleness_overlap", ["--steps", "5", "--backends", "sglang"]),
+    ("bench_staleness_overlap", ["--steps", "5", "--mode", "all"]),
 ]
 
 
@@ -77,6 +77,9 @@ def versions() -> str:
         except md.PackageNotFoundError:
             out.append(f"{pkg} (not installed)")
     return ", ".join(out)
+
+
+BUDGET_MIN = 10  # make bench's wall-time target (minutes)
 
 
 def run_one(name: str, argv: list[str]) -> tuple[list[dict], float, str]:
@@ -128,6 +131,9 @@ def main() -> None:
     load1 = os.getloadavg()
 
     status = {True: "met", False: "**missed**", None: "-"}
+    if not only:  # the whole suite's wall time is itself a target: make bench must stay cheap enough to run
+        results.append(dict(bench="make bench", setting="all benchmarks, one run", measured=f"{total / 60:.1f} min",
+                            target=f"<= {BUDGET_MIN} min", met=total / 60 <= BUDGET_MIN, note=""))
     rows = []
     for r in results:
         measured = r["measured"] + (f" ({r['note']})" if r.get("note") else "")
