@@ -41,9 +41,10 @@ def _argv(out: Path, port: int, steps: int) -> list[str]:
     ]
 
 
-def _run(argv: list[str], corrupt_at: int | None) -> dict:
-    """One rank: the trainer, with the sync to step ``corrupt_at`` pushing corrupted weights. Returns the
-    RL steps at which the learner trained, the error and its attributes, and the threads left after close."""
+def _run(argv: list[str], corrupt_at: int | None, crash_at: int | None = None) -> dict:
+    """One rank: the trainer, with the sync to step ``corrupt_at`` pushing corrupted weights, or an error
+    right after the sync to step ``crash_at`` (its probe in flight). Returns the RL steps at which the
+    learner trained, the error and its attributes, the probe left unchecked and the threads left after close."""
     from minpro_megatron.config import load_config
     from minpro_megatron.learner.distributed import destroy_distributed, init_distributed
     from minpro_megatron.rollout.deferred_probe import THREAD_NAME
@@ -67,7 +68,16 @@ def _run(argv: list[str], corrupt_at: int | None) -> dict:
                         bucket = [(name, t * 1.5) for name, t in bucket]
                     yield bucket
 
+            evaluate = trainer.evaluate
+
+            def crashing_evaluate():  # runs after the step's sync
+                if trainer.rl_step == crash_at:
+                    out["unchecked_probe"] = getattr(trainer.engine._deferred, "version", None)
+                    raise RuntimeError(f"crash after the sync to step {crash_at}")
+                return evaluate()
+
             trainer.learner.train_step = spy_train_step
+            trainer.evaluate = crashing_evaluate
             trainer.engine.exporter.buckets = corrupted_buckets
             try:
                 trainer.run()
@@ -88,13 +98,14 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "tb" / "metrics.jsonl").read_text().splitlines()]
 
 
-def _run_slowed(tmp_path: Path, steps: int, corrupt_at: int | None) -> tuple[dict, list[dict]]:
+def _run_slowed(tmp_path: Path, steps: int, corrupt_at: int | None, crash_at: int | None = None,
+                extra: tuple[str, ...] = ()) -> tuple[dict, list[dict]]:
     out, port = tmp_path / "run", _free_port()
     done, ok = threading.Event(), []
     slower = threading.Thread(target=_slow_down_when_up, args=(f"http://127.0.0.1:{port}", done, ok), daemon=True)
     slower.start()
     try:
-        (result,) = run_multiprocess(_run, 1, _argv(out, port, steps), corrupt_at, timeout=900)
+        (result,) = run_multiprocess(_run, 1, [*_argv(out, port, steps), *extra], corrupt_at, crash_at, timeout=900)
     finally:
         done.set()
     assert ok, "the server was never slowed down"
@@ -126,3 +137,10 @@ def test_deferred_probes_are_all_checked_and_logged(tmp_path) -> None:
     waits = [r["time/probe_wait_s"] for r in rows if "time/probe_wait_s" in r]
     assert len(waits) == 3
     assert result["threads_left"] == []
+
+
+def test_a_run_that_fails_with_a_probe_in_flight_closes_without_hanging(tmp_path) -> None:
+    result, _ = _run_slowed(tmp_path, steps=4, corrupt_at=None, crash_at=2, extra=("train.eval_interval=1",))
+    assert result["error"] == "RuntimeError" and "crash after the sync to step 2" in result["message"], result
+    assert result["unchecked_probe"] == 2  # the sync to step 2 had returned with its probe in flight
+    assert result["threads_left"] == []  # close() stopped the servers and let the probe thread end
