@@ -50,7 +50,7 @@ def run(backend: str, n: int, steps: int, out: Path, extra: list[str] = ()) -> d
         raise RuntimeError(f"{backend} n={n} {' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "tb" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/step_s" in r and r["step"] > 2]
-    keys = ["time/step_s", "time/rollout_s", "time/rollout_wait_s", "time/train_s", "time/sync_s"]
+    keys = ["time/step_s", "time/rollout_s", "time/rollout_wait_s", "time/train_s", "time/sync_s", "time/probe_wait_s"]
     return {k: statistics.fmean(float(r.get(k, 0.0)) for r in rows) for k in keys}
 
 
@@ -117,13 +117,14 @@ def inflight(steps: int, base: dict[str, float] | None = None) -> None:
         part = run("sglang", 1, steps, Path(tmp) / "partial", PARTIAL)
     ideal = max(base["time/train_s"], base["time/rollout_s"])
     print(f"\n## Step time, staleness 0 vs in-flight weight updates (embedded default, sglang; mean of steps 3..{steps}; seconds)\n")
-    print("| run | step | rollout | waited for rollout | train | sync | step / step(n=0) | step / ideal |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    # probe: waiting for the last sync's background probe (rollout.partial) before the update
+    print("| run | step | rollout | waited for rollout | train | sync | waited for probe | step / step(n=0) | step / ideal |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in (("staleness 0", base), ("in-flight (partial, bounded n=1)", part)):
         print(f"| {name} | {r['time/step_s']:.3f} | {r['time/rollout_s']:.3f} | {r['time/rollout_wait_s']:.3f} | "
-              f"{r['time/train_s']:.3f} | {r['time/sync_s']:.3f} | {r['time/step_s'] / base['time/step_s']:.2f} | "
-              f"{r['time/step_s'] / ideal:.2f} |")
-    print(f"| ideal max(train, generate) of the staleness-0 run | {ideal:.3f} | | | | | {ideal / base['time/step_s']:.2f} | 1.00 |")
+              f"{r['time/train_s']:.3f} | {r['time/sync_s']:.3f} | {r['time/probe_wait_s']:.3f} | "
+              f"{r['time/step_s'] / base['time/step_s']:.2f} | {r['time/step_s'] / ideal:.2f} |")
+    print(f"| ideal max(train, generate) of the staleness-0 run | {ideal:.3f} | | | | | | {ideal / base['time/step_s']:.2f} | 1.00 |")
     sys.path.insert(0, str(REPO / "tools"))
     from bench_common import report
 

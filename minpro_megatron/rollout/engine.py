@@ -65,8 +65,14 @@ class RolloutEngine(Protocol):
         """``finish(start(prompts, params))``."""
         ...
 
-    def update_weights(self, version: int) -> SyncStats:
-        """Serve the learner's current weights as ``version`` from now on."""
+    def update_weights(self, version: int, defer_probe: bool = False) -> SyncStats:
+        """Serve the learner's current weights as ``version`` from now on. ``defer_probe``: the post-sync
+        probe (if the engine has one) finishes in ``check_deferred_probe``, not here."""
+        ...
+
+    def check_deferred_probe(self) -> SyncStats | None:
+        """Collective: finish the probe of the last ``update_weights(defer_probe=True)`` (None if none is
+        pending); call it before the learner's weights change again. Raises as the synchronous probe does."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...

@@ -50,10 +50,13 @@ class LocalEngine:
         self.version = 0
         self._calls = 0
 
-    def update_weights(self, version: int) -> SyncStats:
-        """The learner's weights are the engine's: only the version tag moves (no bytes, no time)."""
+    def update_weights(self, version: int, defer_probe: bool = False) -> SyncStats:
+        """The learner's weights are the engine's: only the version tag moves (no bytes, no time, no probe)."""
         self.version = version
         return SyncStats(version=version)
+
+    def check_deferred_probe(self) -> SyncStats | None:
+        return None  # nothing is probed
 
     def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> PendingRollout:
         t0 = time.perf_counter()

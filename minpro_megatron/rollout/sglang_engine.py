@@ -11,7 +11,8 @@
   size-bounded HF-named buckets, which WeightSync pushes into every server (pause -> update -> flush ->
   continue, weight_version = str(step)). Then a probe: each server's greedy log-probs of a fixed prompt
   against the learner's own log-probs of the same tokens (max |diff| logged; rollout.verify_threshold
-  turns it into a failure).
+  turns it into a failure). With ``defer_probe`` (the trainer passes rollout.partial) the servers' side of
+  the probe runs in the background (rollout/deferred_probe.py) and ``check_deferred_probe`` finishes it.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class SGLangEngine:
         self.quantizer = RolloutQuantizer.from_config(cfg.rollout)  # None: full-precision rollouts
         self.probe_prompt = [t for t in ([tokenizer.bos_token_id] + tokenizer.encode("12+34=", add_special_tokens=False)) if t is not None]
         self.fleet = self.client = self.sync = None
+        self._deferred: Any = None  # a DeferredProbe: the last sync's probe, not checked yet (rollout.partial)
         attach = bool(cfg.rollout.server_urls)
         self.hf_dir: Path | None = None
         # Attached servers get the weights by a sync (no full copy on disk per start); the disk transport
@@ -211,17 +213,21 @@ class SGLangEngine:
         return self.finish(self.start(prompts, params))
 
     # ---- weights -----------------------------------------------------------------------------------------
-    def update_weights(self, version: int) -> SyncStats:
+    def update_weights(self, version: int, defer_probe: bool = False) -> SyncStats:
         """Collective: export the learner's weights and push them into every server as ``version``. A sync
         that fails because a server went away meanwhile is done once more with the servers that answer (the
-        fleet holds the lost one out until a later sync reaches it)."""
+        fleet holds the lost one out until a later sync reaches it). ``defer_probe``: the probe runs in the
+        background; ``check_deferred_probe`` must be called before the learner's weights change again."""
+        if self._deferred is not None:  # its reference (the learner at that version) would be gone after this
+            raise RuntimeError(f"the probe of the weight sync to step {self._deferred.version} was never checked "
+                               "(call check_deferred_probe before the learner's next update)")
         if not self.learner.params_finite():  # collective; never publish NaN/inf weights to the servers
             raise RuntimeError(
                 f"the learner's parameters are not finite before the weight sync to step {version}: not publishing them "
                 "(see optim/skipped_updates and train.max_nonfinite_skips)"
             )
         try:
-            return self._push_and_verify(version)
+            return self._push_and_verify(version, defer_probe)
         except Rank0PhaseError as exc:
             from minpro_megatron.parallel.json_collectives import broadcast_json
 
@@ -233,9 +239,9 @@ class SGLangEngine:
             if self.rank == 0:
                 print(f"[sglang] {', '.join(lost)} went away during the weight sync to step {version} ({exc}); "
                       "syncing again with the servers that answer", flush=True)
-            return self._push_and_verify(version)
+            return self._push_and_verify(version, defer_probe)
 
-    def _push_and_verify(self, version: int) -> SyncStats:
+    def _push_and_verify(self, version: int, defer_probe: bool = False) -> SyncStats:
         buckets = iter(self.exporter.buckets(self.bucket_bytes, transform=self.quantizer))
         pushed = SyncStats(version=version)  # rank 0's push; the other ranks only gather
 
@@ -256,12 +262,60 @@ class SGLangEngine:
             drain()
             rank0_phase(phase, lambda: None)
         self.version = version
+        if defer_probe:  # rollout.partial: the probe decodes behind the resumed rollouts; checked later
+            from minpro_megatron.rollout.deferred_probe import DeferredProbe
+
+            self._deferred = DeferredProbe(version, pushed, self._sample_probe if self.rank == 0 else None)
+            return pushed
         worst = self._verify()
         return dataclasses.replace(pushed, verify_max_abs_logprob_diff=worst, verify_probed_servers=self.last_probed_servers)
 
-    def _verify(self) -> float:
+    def _probe(self) -> Any:
+        from minpro_megatron.weights.verify import LogprobProbe
+
+        return LogprobProbe(self.probe_prompt, max_new_tokens=8, threshold=self.cfg.rollout.verify_threshold)
+
+    def _sample_probe(self) -> dict[str, tuple[list[int], list[float]]]:
+        """Rank 0: every admitted server's greedy probe."""
+        assert self.fleet is not None
+        return self._probe().sample(self.fleet.admitted_urls(), api_key=self.fleet.api_key)
+
+    def check_deferred_probe(self) -> SyncStats | None:
+        """Collective: finish the probe ``update_weights(defer_probe=True)`` started (None when none is
+        pending): wait for the servers' greedy tokens, score them with the learner (which must still hold
+        that version) and compare. Returns the push's stats with the probe's fields; a probe over
+        rollout.verify_threshold raises WeightVerificationError on every rank (``.sync_result``: those
+        stats), as the synchronous probe does. A server that went away since the sync is skipped (the fleet
+        holds it out until the next sync reaches it): the probe is taken again from those that answer."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return None
+
+        def wait() -> dict[str, tuple[list[int], list[float]]]:
+            try:
+                return deferred.wait()
+            except Exception:
+                assert self.fleet is not None
+                if not self.fleet.servers_down():
+                    raise
+                return self._sample_probe()
+
+        from minpro_megatron.weights.verify import WeightVerificationError
+
+        try:
+            worst = self._verify(lambda: rank0_phase(f"probing the servers after the weight sync to step "
+                                                     f"{deferred.version}", wait) or {}, deferred.version)
+        except WeightVerificationError as exc:
+            exc.sync_result = dataclasses.replace(deferred.pushed, verify_max_abs_logprob_diff=exc.result.max_abs_diff,
+                                                  verify_probed_servers=len(exc.result.per_server))
+            raise
+        return dataclasses.replace(deferred.pushed, verify_max_abs_logprob_diff=worst,
+                                   verify_probed_servers=self.last_probed_servers)
+
+    def _verify(self, sampled: Any = None, version: int | None = None) -> float:
         """Max |logp| difference between every server's greedy probe and the learner (collective): the
-        LogprobProbe of weights/verify.py with the learner as its reference, which every rank computes."""
+        LogprobProbe of weights/verify.py with the learner as its reference, which every rank computes.
+        ``sampled``: the servers' probes already taken (rank 0; a deferred probe), else taken now."""
         from dataclasses import asdict
 
         from minpro_megatron.learner.batch import TrainSample
@@ -269,13 +323,12 @@ class SGLangEngine:
         from minpro_megatron.rollout.transfer import decode_prompts, encode_prompts
         from minpro_megatron.weights.verify import LogprobProbe, ProbeResult
 
-        probe = LogprobProbe(self.probe_prompt, max_new_tokens=8, threshold=self.cfg.rollout.verify_threshold)
-
-        def sample() -> dict[str, tuple[list[int], list[float]]]:
-            assert self.fleet is not None
-            return probe.sample(self.fleet.admitted_urls(), api_key=self.fleet.api_key)
-
-        probes = rank0_phase(f"probing the servers after the weight sync to step {self.version}", sample) or {}
+        version = self.version if version is None else version
+        probe = self._probe()
+        if sampled is None:
+            probes = rank0_phase(f"probing the servers after the weight sync to step {version}", self._sample_probe) or {}
+        else:
+            probes = sampled()
         (t,) = broadcast_tensors(encode_prompts([tokens for tokens, _ in probes.values()]) if self.rank == 0 else None)
         samples = [TrainSample(torch.tensor(s), 1, torch.zeros(len(s) - 1), 0.0) for s in decode_prompts(t)]
         # every DP replica scores the same probes (score is collective within a replica only)
@@ -284,7 +337,7 @@ class SGLangEngine:
                            lambda: asdict(probe.compare(probes, {url: r.tolist() for url, r in zip(probes, ref)})))
         result = ProbeResult(**broadcast_json(mine, src=0))
         self.last_probed_servers = len(result.per_server)
-        LogprobProbe.check(result, self.version)  # every rank raises: no one waits forever
+        LogprobProbe.check(result, version)  # every rank raises: no one waits forever
         return result.max_abs_diff
 
     # ---- state -------------------------------------------------------------------------------------------
@@ -300,3 +353,6 @@ class SGLangEngine:
                 self.sync.close()
             self.fleet.stop()
             self.fleet = None
+        if self._deferred is not None:  # a run that failed before checking it: the servers are gone, the request fails
+            self._deferred.abandon(timeout_s=30.0)
+            self._deferred = None

@@ -124,6 +124,7 @@ class RLTrainer:
                     self.save()  # no-op when this step was just saved
                     break
                 progress(self.rl_step, last)
+        self._check_probe()  # the last sync's probe, when it ran in the background
         if cfg.checkpoint.save_interval:
             self.save()  # the final step (a no-op when it was saved above, or when resuming a finished run)
         self.writer.flush()
@@ -142,6 +143,8 @@ class RLTrainer:
                 raise _StepAborted(f"stop requested ({self.stop.reason}); the generation of step {self.rl_step + 1}'s "
                                    f"batch failed ({exc}): step {self.rl_step + 1} is abandoned before its update, "
                                    f"step {self.rl_step} is saved") from exc
+            with timer("probe"):  # rollout.partial: this batch may hold tokens of the version the last sync probes
+                self._check_probe()
             samples = train_samples(groups)
             if cfg.loss.old_logp == "recompute":  # pi_old from one learner forward; mismatch/* (learner/recompute.py)
                 metrics.update(recompute_old_logp(self.learner, samples, self.dp.group))
@@ -170,6 +173,7 @@ class RLTrainer:
         metrics.update({
             "time/rollout_s": rollout.generate_s, "time/rollout_wait_s": rollout.wait_s, "time/train_s": train_s,
             "time/sync_s": timer.seconds["sync"], "time/step_s": timer.seconds["step"],
+            "time/probe_wait_s": timer.seconds["probe"],  # the last sync's background probe (rollout.partial)
             "rollout/request_retries": float(rollout.retries),
             "throughput/train_tokens_per_s": metrics.get("loss/num_tokens", 0.0) / train_s if train_s > 0 else 0.0,
             "throughput/rollout_tokens_per_s": tokens / rollout.generate_s if rollout.generate_s > 0 else 0.0,
@@ -177,9 +181,33 @@ class RLTrainer:
         return StepStats(metrics, ages)
 
     def _publish(self) -> SyncStats:
-        """Push the new weights into the engine; after a stop request a failed push leaves the step complete."""
-        return self._stop_tolerant(lambda: self.engine.update_weights(self.rl_step), SyncStats(version=self.rl_step),
-                                   f"the weight sync to step {self.rl_step}")
+        """Push the new weights into the engine; after a stop request a failed push leaves the step complete.
+        With rollout.partial the push returns without its probe, which decodes behind the resumed rollouts:
+        ``_check_probe`` finishes it before the next update."""
+        step = self.rl_step
+        push = ((lambda: self.engine.update_weights(step, defer_probe=True)) if self.cfg.rollout.partial
+                else (lambda: self.engine.update_weights(step)))
+        return self._stop_tolerant(push, SyncStats(version=step), f"the weight sync to step {step}")
+
+    def _check_probe(self) -> None:
+        """Finish the last sync's background probe (rollout.partial; a no-op otherwise) while the learner still
+        holds that version: before an update trains tokens it generated, and at the end of the run. A probe
+        over rollout.verify_threshold fails the run here (WeightVerificationError, as a synchronous probe);
+        its sync/verify_* metrics go to the row of the step it probed. A checkpoint does not wait for it: a
+        resumed run's servers boot from (or are synced and probed with) the checkpoint's weights."""
+        from minpro_megatron.weights.verify import WeightVerificationError
+
+        try:
+            probed = self._stop_tolerant(self.engine.check_deferred_probe, None, "the probe of the last weight sync")
+        except WeightVerificationError as exc:
+            if isinstance(exc.sync_result, SyncStats):
+                self._log_probe(exc.sync_result)
+            raise
+        if probed is not None:
+            self._log_probe(probed)
+
+    def _log_probe(self, probed: SyncStats) -> None:
+        self._log(probed.version, StepStats({f"sync/{n}": v for n, v in probed.metrics().items() if n.startswith("verify_")}))
 
     def _stop_tolerant(self, fn: Callable[[], T], fallback: T, what: str, on_failure: Callable[[], None] | None = None) -> T:
         """``fn()``, or ``fallback`` when the servers failed it after a stop request. Slurm's TERM (scancel,
