@@ -14,7 +14,7 @@ bytes must cross on this host: a loopback socket between two processes). Per row
   weight_version check (HTTP round trips that do not grow with the model).
 
     python tools/bench_weight_sync.py [--models 27:float32,27:bfloat16,512:float32,512:bfloat16]
-        [--bucket-mb 8,64,256,0] [--reps 3]       # bucket 0 = the whole model in one bucket
+        [--bucket-mb 8,31,64,256,0] [--reps 3]    # bucket 0 = the whole model in one bucket
 
 Memory: about 4x the largest model (server copy, B, one staged bucket per slot, the receiver's buffer).
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -124,7 +125,8 @@ def bench_model(mib: float, dtype: str, bucket_mbs: list[float], reps: int, raw:
         name = "1 bucket (whole model)" if size == nbytes else f"buckets of {mb:g} MiB"
         if all(c[1] != size for c in cases):
             cases.append((name, size, True))
-    mid = cases[len(cases) // 2]
+    # overlap matters only with several buckets: compare it at the smallest size (most buckets)
+    mid = min(cases, key=lambda c: c[1])
     cases.append((mid[0] + ", overlap off", mid[1], False))
 
     pool = ServerPool([ServerLaunchSpec(model_path=str(model_dir), device="cpu", dtype=dtype)], work / "logs")
@@ -201,7 +203,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="27:float32,27:bfloat16,512:float32,512:bfloat16",
                     help="comma list of SIZE_MIB:DTYPE (float32 or bfloat16)")
-    ap.add_argument("--bucket-mb", default="8,64,256,0", help="comma list of bucket sizes in MiB (0: whole model)")
+    ap.add_argument("--bucket-mb", default="8,31,64,256,0", help="comma list of bucket sizes in MiB (0: whole model)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--work-dir", default=None, help="models and logs (default: a temporary directory)")
     ap.add_argument("--raw-receiver", nargs=2, metavar=("PORT", "NAME"), help=argparse.SUPPRESS)
@@ -219,6 +221,7 @@ def main() -> None:
     bucket_mbs = [float(x) for x in args.bucket_mb.split(",")]
     tmp = tempfile.TemporaryDirectory(prefix="bench_weight_sync_") if args.work_dir is None else None
     work = Path(args.work_dir or tmp.name)
+    print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)", flush=True)
     raw = RawBroadcast()
     rows = []
     try:
@@ -229,7 +232,7 @@ def main() -> None:
         if tmp is not None:
             tmp.cleanup()
 
-    print()
+    print(f"\nload average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     for model in dict.fromkeys(r["model"] for r in rows):
         sel = [r for r in rows if r["model"] == model]
         big = sel[0]["nbytes"] >= 512 * 2**20
@@ -242,7 +245,7 @@ def main() -> None:
                f"distributed {best['mibs']:.0f} MiB/s = {best['ratio']:.2f}x raw gloo broadcast "
                f"({best['ratio_min']:.2f}-{best['ratio_max']:.2f}) with {best['case']}; "
                f"smallest bucket within 5%: {good['bucket_bytes'] / 2**20:.0f} MiB ({good['ratio']:.2f}x); "
-               f"overlap on/off {on['ratio']:.2f}x/{off['ratio']:.2f}x; fixed per-sync overhead {best['fixed']:.3f} s",
+               f"overlap on/off {on['ratio']:.2f}x/{off['ratio']:.2f}x ({off['case'].split(',')[0]}); fixed per-sync overhead {best['fixed']:.3f} s",
                f">= {TARGET}x raw" if big else "", best["ratio"] >= TARGET if big else None)
         ph, pt = best["phases"], best["parts"]
         print("  fixed overhead, " + model + ": " + ", ".join(f"{k} {ph[k] * 1e3:.0f} ms" for k in FIXED)
