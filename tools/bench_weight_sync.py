@@ -188,7 +188,7 @@ def bench_model(mib: float, dtype: str, bucket_mbs: list[float], reps: int, raw:
               f"{d['probe']:8.1e}")
         rows.append(dict(model=label, nbytes=nbytes, case=c[0], bucket_bytes=c[1], overlap=c[2], ratio=med,
                          ratio_min=min(d["ratio"]), ratio_max=max(d["ratio"]), mibs=statistics.median(d["mibs"]),
-                         fixed=statistics.median(d["fixed"]), buckets=d["buckets"],
+                         fixed=statistics.median(d["fixed"]), buckets=d["buckets"], raw_s=statistics.median(raws),
                          phases={k: statistics.median(p.get(k, 0.0) for p in d["phases"]) for k in FIXED},
                          parts={k: statistics.median(p.get(f"transfer: {k}", 0.0) for p in d["phases"]) for k in PARTS}))
         pt = rows[-1]["parts"]
@@ -241,12 +241,21 @@ def main() -> None:
         good = min((r for r in sel if r["overlap"] and r["ratio"] >= 0.95 * best["ratio"]), key=lambda r: r["bucket_bytes"])
         off = next(r for r in sel if not r["overlap"])
         on = next(r for r in sel if r["overlap"] and r["bucket_bytes"] == off["bucket_bytes"])
+        note = ""
+        if big and best["ratio"] < TARGET:
+            # SGLang's scheduler receives a bucket, then copies it into the parameters (model.load_weights)
+            # before it answers the POST and can receive the next one: that copy never overlaps the wire
+            load_s, wire_s = best["parts"]["server load"], best["raw_s"]
+            note = (f"measured cause: SGLang copies each received bucket into its parameters (load_weights) before "
+                    f"it can receive the next; that copy took {load_s:.2f} s ({best['nbytes'] / load_s / 2**20:.0f} MiB/s) "
+                    f"vs {wire_s:.2f} s for the raw broadcast, capping the ratio at {wire_s / (wire_s + load_s):.2f}x "
+                    f"even with staging and HTTP free")
         report("bench_weight_sync", f"{model}, 1 server",
                f"distributed {best['mibs']:.0f} MiB/s = {best['ratio']:.2f}x raw gloo broadcast "
                f"({best['ratio_min']:.2f}-{best['ratio_max']:.2f}) with {best['case']}; "
                f"smallest bucket within 5%: {good['bucket_bytes'] / 2**20:.0f} MiB ({good['ratio']:.2f}x); "
                f"overlap on/off {on['ratio']:.2f}x/{off['ratio']:.2f}x ({off['case'].split(',')[0]}); fixed per-sync overhead {best['fixed']:.3f} s",
-               f">= {TARGET}x raw" if big else "", best["ratio"] >= TARGET if big else None)
+               f">= {TARGET}x raw" if big else "", best["ratio"] >= TARGET if big else None, note)
         ph, pt = best["phases"], best["parts"]
         print("  fixed overhead, " + model + ": " + ", ".join(f"{k} {ph[k] * 1e3:.0f} ms" for k in FIXED)
               + "; inside the transfer: " + ", ".join(f"{k} {pt[k]:.3f} s" for k in PARTS))
