@@ -5,7 +5,7 @@ MINPRO_SERVER_TIMING_LOG; Python then imports this module at start-up in every s
 SGLang's model-runner WeightUpdater module is imported, its receive and load methods are wrapped (in
 memory; SGLang's files are untouched) to append one line per bucket: ``recv BYTES SECONDS`` (the gloo
 broadcast into the receive buffer) and ``load BYTES SECONDS`` (model.load_weights copying it into the
-parameters). Any failure to hook leaves SGLang as it is: the benchmark then reports no server split.
+parameters; plus torch's intra-op thread count). Any failure to hook leaves SGLang as it is: the benchmark then reports no server split.
 """
 
 import importlib.abc
@@ -40,7 +40,9 @@ def _patch(mod) -> None:
     def load_weights_from_distributed(self, named_tensors):
         t = time.perf_counter()
         out = load0(self, named_tensors)
-        _write(f"load {_nbytes(named_tensors)} {time.perf_counter() - t:.6f}")
+        import torch  # loaded by now; the thread count explains copy speed on a shared host
+
+        _write(f"load {_nbytes(named_tensors)} {time.perf_counter() - t:.6f} threads={torch.get_num_threads()}")
         return out
 
     cls.receive_weights_from_distributed = receive_weights_from_distributed
