@@ -67,6 +67,8 @@ def server_split(log: Path | None) -> dict[str, float]:
         if kind in ("recv", "load"):
             key = SERVER_PARTS[kind == "load"]
             out[key] = out.get(key, 0.0) + float(rest.split()[1])
+            if rest.split()[-1].startswith("threads="):
+                out["server threads"] = float(rest.split()[-1].removeprefix("threads="))
     return out
 
 
@@ -129,7 +131,7 @@ def shape_for(mib: float, dtype: str) -> dict:
 
 
 def bench_model(mib: float, dtype: str, bucket_mbs: list[float], reps: int, raw: RawBroadcast, work: Path,
-                server_timing: bool = True) -> list[dict]:
+                server_timing: bool = True, server_threads: int = 0) -> list[dict]:
     shape = shape_for(mib, dtype)
     model_dir = work / f"model_{mib:g}_{dtype}"
     make_tiny_model_dir(model_dir, kind="qwen3_moe", seed=1, dtype=dtype, **shape)
@@ -151,6 +153,8 @@ def bench_model(mib: float, dtype: str, bucket_mbs: list[float], reps: int, raw:
 
     timing_log = work / f"server_timing_{mib:g}_{dtype}.log" if server_timing else None
     env = {"PYTHONPATH": str(REPO / "tools" / "server_timing"), "MINPRO_SERVER_TIMING_LOG": str(timing_log)} if timing_log else {}
+    if server_threads > 0:
+        env["OMP_NUM_THREADS"] = str(server_threads)
     pool = ServerPool([ServerLaunchSpec(model_path=str(model_dir), device="cpu", dtype=dtype, env=env)], work / "logs")
     t0 = time.perf_counter()
     pool.start()
@@ -214,7 +218,8 @@ def bench_model(mib: float, dtype: str, bucket_mbs: list[float], reps: int, raw:
                          ratio_min=min(d["ratio"]), ratio_max=max(d["ratio"]), mibs=statistics.median(d["mibs"]),
                          fixed=statistics.median(d["fixed"]), buckets=d["buckets"], raw_s=statistics.median(raws),
                          phases={k: statistics.median(p.get(k, 0.0) for p in d["phases"]) for k in FIXED},
-                         parts={k: statistics.median(p.get(f"transfer: {k}", 0.0) for p in d["phases"]) for k in PARTS + SERVER_PARTS}))
+                         parts={k: statistics.median(p.get(f"transfer: {k}", 0.0) for p in d["phases"]) for k in PARTS + SERVER_PARTS},
+                         server_threads=max((p.get("transfer: server threads", 0.0) for p in d["phases"]), default=0.0)))
         pt = rows[-1]["parts"]
         print(f"{'':34s} inside the transfer: " + ", ".join(f"{k} {pt[k]:.3f} s" for k in PARTS + SERVER_PARTS))
     ph = rows[0]["phases"]
@@ -232,6 +237,9 @@ def main() -> None:
     ap.add_argument("--work-dir", default=None, help="models and logs (default: a temporary directory)")
     ap.add_argument("--no-server-timing", action="store_true",
                     help="do not time the server's receive and load_weights (tools/server_timing/sitecustomize.py)")
+    ap.add_argument("--server-omp-threads", type=int, default=0,
+                    help="OMP_NUM_THREADS of the benchmark's servers (0: SGLang's default, one per core); "
+                         "SGLang's load_weights copy is measured 4-5x faster at 1 on a shared 2-core host")
     ap.add_argument("--raw-receiver", nargs=2, metavar=("PORT", "NAME"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.raw_receiver:
@@ -252,7 +260,7 @@ def main() -> None:
     rows = []
     try:
         for mib, dtype in models:
-            rows += bench_model(mib, dtype, bucket_mbs, args.reps, raw, work, not args.no_server_timing)
+            rows += bench_model(mib, dtype, bucket_mbs, args.reps, raw, work, not args.no_server_timing, args.server_omp_threads)
     finally:
         raw.close()
         if tmp is not None:
@@ -275,8 +283,10 @@ def main() -> None:
             note = (f"measured cause: SGLang copies each received bucket into its parameters (load_weights) before "
                     f"it can receive the next; that copy took {load_s:.2f} s ({best['nbytes'] / load_s / 2**20:.0f} MiB/s) "
                     f"vs {wire_s:.2f} s for the raw broadcast, capping the ratio at {wire_s / (wire_s + load_s):.2f}x "
-                    f"even with staging and HTTP free")
-        report("bench_weight_sync", f"{model}, 1 server",
+                    f"even with staging and HTTP free" + (f" (server torch threads: {best['server_threads']:.0f})"
+                                                          if best["server_threads"] else ""))
+        setting = f"{model}, 1 server" + (f", server OMP_NUM_THREADS={args.server_omp_threads}" if args.server_omp_threads else "")
+        report("bench_weight_sync", setting,
                f"distributed {best['mibs']:.0f} MiB/s = {best['ratio']:.2f}x raw gloo broadcast "
                f"({best['ratio_min']:.2f}-{best['ratio_max']:.2f}) with {best['case']}; "
                f"smallest bucket within 5%: {good['bucket_bytes'] / 2**20:.0f} MiB ({good['ratio']:.2f}x); "
