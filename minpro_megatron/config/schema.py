@@ -201,7 +201,7 @@ class RolloutConfig:
     request_timeout_s: float = 600.0  # seconds per generation request
     # how new weights reach the servers after each step
     weight_transport: Literal["distributed", "disk", "tensor"] = "distributed"
-    bucket_mb: int = 64  # size of one weight-update bucket in MiB (64: fastest measured, tools/bench_weight_sync.py)
+    bucket_mb: int = 31  # size of one weight-update bucket in MiB (31: fastest measured on CPU, tools/bench_weight_sync.py: below glibc's 32 MiB mmap cap a CPU server reuses its receive buffer instead of page-faulting a fresh one per bucket)
     pause_mode: Literal["abort", "retract"] = "abort"  # abort: in-flight requests are retried by the client
     partial: bool = False  # in-flight weight updates: generation continues across a sync, a response holds tokens of several versions (needs pause_mode=retract, staleness bounded n >= 1)
     weight_sync_timeout_s: float = 300.0  # seconds allowed for one weight update

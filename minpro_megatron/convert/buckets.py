@@ -80,10 +80,26 @@ class FlatBucket:
         return int(self.flat.numel())
 
     @classmethod
-    def from_bucket(cls, bucket: Sequence[tuple[str, torch.Tensor]], device: torch.device | str | None = None) -> "FlatBucket":
+    def from_bucket(
+        cls, bucket: Sequence[tuple[str, torch.Tensor]], device: torch.device | str | None = None,
+        out: torch.Tensor | None = None,
+    ) -> "FlatBucket":
+        """``out``: a 1-D uint8 buffer of at least ``bucket_nbytes(bucket)`` bytes to write into (``flat`` is
+        then its prefix): each tensor is copied once, straight into its slot, with no fresh allocation."""
         validate_bucket(bucket)
         # stable sort by descending itemsize keeps every byte offset aligned for the receiver
         ordered = sorted(bucket, key=lambda nt: -nt[1].element_size())
+        if out is not None:
+            nbytes = bucket_nbytes(ordered)
+            if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < nbytes:
+                raise ValueError(f"out must be a 1-D uint8 tensor of >= {nbytes} bytes, got {out.dtype} {tuple(out.shape)}")
+            flat, off = out[:nbytes], 0
+            for _, t in ordered:
+                n = t.numel() * t.element_size()
+                flat[off:off + n].view(t.dtype).view(t.shape).copy_(t.detach())
+                off += n
+            return cls([n for n, _ in ordered], [dtype_name(t.dtype) for _, t in ordered],
+                       [list(t.shape) for _, t in ordered], flat)
         parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in ordered]
         flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
         if device is not None:

@@ -115,3 +115,46 @@ def test_live_export_overlapped_equals_sequential_under_tp2(tmp_path: Path):
         assert sorted(rebuilt) == sorted(orig)
         assert all(torch.equal(rebuilt[n], orig[n]) for n in orig), f"bucket size {size}: a tensor differs from the checkpoint"
     assert len(rank0[(SIZES[0], True)]) > len(rank0[(SIZES[2], True)]) == 1
+
+
+def _pooled(buckets, overlap: bool, pool) -> tuple[list[FlatBucket], set[int]]:
+    """Stage through ``pool`` as DistributedTransport does: copy out what would be sent, then done()."""
+    out, ptrs = [], set()
+    for staged, _ in stage_buckets(buckets, flattened=True, overlap=overlap, pool=pool):
+        ptrs.add(staged.payload[0].data_ptr())
+        out.append(FlatBucket(staged.names, staged.dtypes, staged.shapes, staged.payload[0].clone()))
+        staged.done()
+    return out, ptrs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reused_staging_buffers_send_the_same_bytes(dtype):
+    """StagingPool: buffers reused across buckets and syncs (overlap on and off) carry exactly the bytes of
+    fresh staging; a smaller bucket in a larger reused buffer sends only its own bytes."""
+    from minpro_megatron.weights.transports import StagingPool
+
+    state = {n: t.to(dtype) for n, t in checkpoint_state_dict(build_tiny_model("qwen3_moe", seed=4, initializer_range=0.125)).items()}
+    state["model.layers.0.mlp.gate.weight"] = state["model.layers.0.mlp.gate.weight"].t()  # non-contiguous input
+    pool = StagingPool()
+    for size in SIZES:
+        fresh = _staged(iter_buckets(state.items(), size), overlap=False)
+        for sync in range(2):  # the second sync stages into the buffers the first one left
+            for overlap in (True, False):
+                got, ptrs = _pooled(iter_buckets(state.items(), size), overlap, pool)
+                _assert_same_bytes(fresh, got)
+                # once the pool has seen the largest bucket (second sync), at most 3 buffers serve them all
+                assert sync == 0 or len(ptrs) <= 3, f"{len(ptrs)} staging buffers for {len(got)} buckets: the pool does not reuse them"
+        rebuilt = _rebuilt(got)
+        assert all(torch.equal(rebuilt[n], t) for n, t in state.items())
+
+
+def test_flat_bucket_into_a_buffer_equals_a_fresh_one():
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()  # non-contiguous
+    bucket = [("a", a), ("b", torch.tensor([1.5, -2.0], dtype=torch.bfloat16)), ("c", torch.tensor(7, dtype=torch.int64))]
+    want = FlatBucket.from_bucket(bucket)
+    buf = torch.full((want.nbytes + 5,), 255, dtype=torch.uint8)
+    got = FlatBucket.from_bucket(bucket, out=buf)
+    assert (got.names, got.dtypes, got.shapes) == (want.names, want.dtypes, want.shapes)
+    assert torch.equal(got.flat, want.flat) and got.flat.data_ptr() == buf.data_ptr()
+    with pytest.raises(ValueError, match="out must be"):
+        FlatBucket.from_bucket(bucket, out=torch.empty(want.nbytes - 1, dtype=torch.uint8))
