@@ -43,7 +43,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("bench_convert", ["--layers", "2"]),
     ("bench_learner_overhead", ["--rounds", "5"]),
     ("bench_memory_estimate", []),
-    ("bench_weight_sync", ["--models", "27:bfloat16,512:float32", "--bucket-mb", "64,0", "--reps", "2"]),
+    ("bench_weight_sync", ["--models", "27:bfloat16,512:float32", "--bucket-mb", "31,64", "--reps", "2"]),
     ("bench_rollout", ["--prompts", "32", "--output-len", "32", "--reps", "2"]),
     ("bench_staleness_overlap", ["--steps", "5", "--mode", "all"]),
 ]
