@@ -9,7 +9,6 @@ the measured bytes (tools/bench_memory_estimate.py), outside the 15% checked her
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
