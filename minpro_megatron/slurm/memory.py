@@ -134,7 +134,7 @@ def params_per_rank(cfg: RunConfig) -> dict[str, tuple[int, int]]:
     return {"first": (body + vocab, layers * expert), "last": (body + vocab + h, layers * expert)}
 
 
-LOSS_BYTES_PER_TOKEN = 22  # the loss's per-token tensors (labels, masks, log-probs, entropies), measured
+LOSS_BYTES_PER_TOKEN = 22  # labels (int64), log-sum-exp, log-prob and entropy (fp32), two bool masks
 LOGPROB_CHUNK = 1024  # learner/logprobs.py DEFAULT_CHUNK
 
 
