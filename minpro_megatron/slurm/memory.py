@@ -20,9 +20,10 @@ Counting rules (bytes; P = parameters held by one GPU):
     saved-tensor hooks per module, tests/slurm/test_memory_activations.py):
     RMSNorm (torch): its input, the normalised x*rstd and rstd: 2h + 1 (input and pre-MLP norm each);
     linear_qkv: its input h; the fused qkv output q + 2kv stays alive (V and, with qk_layernorm, K's norm
-    input are views of it); qk_layernorm: the reshaped copy of Q, its x*rstd, rstd: 2q + np, and K's x*rstd,
-    rstd: kv + ng; unfused RoPE on packed (THD) sequences: cos and sin of [len, head_dim] per call for Q and
-    K: 4 head_dim (not split by TP); core attention (SDPA's CPU flash kernel: no probabilities, no s^2
+    input are views of it); qk_layernorm: the reshaped copy of Q (only with more than one KV group per
+    TP rank, else Q is a view of the qkv output), its x*rstd, rstd: 2q + np, and K's x*rstd, rstd: kv + ng;
+    unfused RoPE on packed (THD) sequences: cos and sin of [len, head_dim] per call for Q and K: 4 head_dim
+    (not split by TP); core attention (SDPA's CPU flash kernel: no probabilities, no s^2
     term): rotated Q q, rotated K kv, output q (also linear_proj's input), log-sum-exp np in fp32;
     dense MLP: linear_fc1 input h + SwiGLU 5f (fc1 output 2f, silu(gate) f, up + glu_linear_offset f,
     linear_fc2 input f); MoE: router input h, top-k indices 8k bytes and probabilities 4k bytes (fp32),
@@ -178,7 +179,8 @@ def local_activation_terms(cfg: RunConfig) -> dict[str, float]:
     terms = {
         "input_layernorm": norm,
         "linear_qkv": (h + q + 2 * kv) * b,  # its input + the fused qkv output (V is a view of it)
-        "q_layernorm": (2 * q + nq) * b if m.qk_layernorm else 0.0,
+        # Q is a view of the qkv output when a TP rank holds one KV group, else a reshaped copy
+        "q_layernorm": ((2 if ng // cfg.parallel.tensor > 1 else 1) * q + nq) * b if m.qk_layernorm else 0.0,
         "k_layernorm": (kv + ng) * b if m.qk_layernorm else 0.0,
         "rope": 4 * hd * b,
         "core_attention": (2 * q + kv) * b + 4 * nq,
