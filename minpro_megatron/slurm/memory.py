@@ -8,16 +8,45 @@ Counting rules (bytes; P = parameters held by one GPU):
 - optimizer: Adam, fp32 master copy + m + v = 12 bytes per bf16 parameter (8 for fp32 parameters),
   divided by the data-parallel size when the distributed optimizer is on (DP x CP for non-expert
   weights, the expert DP for experts).
-- activations: (16-bit; twice for float32 models) per token and layer with flash attention (no s^2 term) and sequence parallelism (all
-  divided by TP): attention 4h + 2(q+2kv) + 2(q+kv) + 2q, dense MLP 4h + 6f, MoE 4h + 8E + k(4h + 6f_moe)
-  with q = heads x head_dim, kv = kv_heads x head_dim, k = top-k. With 1F1B the first stage holds
-  micro-batches for all L layers; full recompute keeps only each layer's input (2h) plus one layer.
-- logits: tokens x vocab/TP x 4 (fp32 for the log-prob) on the last stage, before any chunking.
+- activations: what autograd saves for the backward, per token and layer, for the layer implementation the
+  learner builds (``transformer_impl``; ``auto`` = TransformerEngine for a GPU plan, slurm.gpus_per_node > 0,
+  else the local spec, as learner/model_provider.py te_usable decides on the host). h = hidden, q = heads x
+  head_dim, kv = kv_heads x head_dim, f = MLP width, k = top-k, E = experts, np / ng = heads / kv heads.
+  * transformer_engine (fused kernels, flash attention, no s^2 term), 16-bit elements, twice for float32
+    models: attention 4h + 2(q+2kv) + 2(q+kv) + 2q, dense MLP 4h + 6f, MoE 4h + 8E + k(4h + 6f_moe).
+    Not checked here (no GPU on the CPU benchmark host).
+  * local (the CPU path: megatron's unfused local spec + parallel/cp_attention.py), elements of the model
+    dtype unless marked, derived op by op from what each op saves (checked term by term with autograd's
+    saved-tensor hooks per module, tests/slurm/test_memory_activations.py):
+    RMSNorm (torch): its input, the normalised x*rstd and rstd: 2h + 1 (input and pre-MLP norm each);
+    linear_qkv: its input h; the fused qkv output q + 2kv stays alive (V and, with qk_layernorm, K's norm
+    input are views of it); qk_layernorm: the reshaped copy of Q (only with more than one KV group per
+    TP rank, else Q is a view of the qkv output), its x*rstd, rstd: 2q + np, and K's x*rstd, rstd: kv + ng;
+    unfused RoPE on packed (THD) sequences: cos and sin of [len, head_dim] per call for Q and K: 4 head_dim
+    (not split by TP); core attention (SDPA's CPU flash kernel: no probabilities, no s^2
+    term): rotated Q q, rotated K kv, output q (also linear_proj's input), log-sum-exp np in fp32;
+    dense MLP: linear_fc1 input h + SwiGLU 5f (fc1 output 2f, silu(gate) f, up + glu_linear_offset f,
+    linear_fc2 input f); MoE: router input h, top-k indices 8k bytes and probabilities 4k bytes (fp32),
+    token dispatch 8E + 8k bytes (int64 routing indices), permuted tokens k h, per routed token the
+    expert SwiGLU 5f_moe + the prob-scaled fc2 input f_moe and its prob (4 bytes): k(h + 6f_moe) + 4k
+    bytes; a shared expert 5f_shared. Everything but RoPE is divided by TP (sequence parallel). Assumes
+    equal-length packed sequences (the attention then needs no row gathers); unequal lengths take the
+    bucketed path, whose gathered and padded Q/K/V/output rows are not modelled (measured with lengths
+    16-48: +19% on the attention terms with q/k norms, +0.4% without; +7% and +0.2% of the layer).
+    Outside the layers (last stage): the final norm 2h + 1, the output layer's input h and the loss's
+    per-token tensors (22 bytes; the first stage: the token ids, 8 bytes).
+  With 1F1B the first stage holds micro-batches for all L layers; full recompute keeps only each layer's
+  input (h elements) plus one layer.
+- logits: the transient of the chunked log-prob kernel (learner/logprobs.py), which never forms the full
+  [tokens, vocab] logits: two fp32 [chunk, padded vocab / TP] buffers (logits and probabilities), the fp32
+  output-weight gradient [vocab / TP, h] (+ an fp32 copy of the weight for 16-bit models) and the hidden
+  states' gradient; peak = activations + logits: it is reached at the start of the backward, when every
+  activation is still saved (measured: tools/bench_memory_estimate.py; the layers' own backward
+  transients were smaller than this there).
 - overhead: a flat allowance (CUDA context, NCCL buffers, allocator fragmentation).
 Parameters, gradients and optimizer states are exact per rank (params_per_rank; checked against built
-models by tests/slurm/test_memory_params.py and tools/bench_memory_estimate.py). Activations are an
-estimate for the GPU kernels (TransformerEngine, flash attention); the CPU path's unfused local spec keeps
-more per token (measured: tools/bench_memory_estimate.py).
+models by tests/slurm/test_memory_params.py and tools/bench_memory_estimate.py). Activations and
+the log-prob transient of the local spec are checked against the CPU learner by tools/bench_memory_estimate.py.
 """
 
 from __future__ import annotations
@@ -27,7 +56,8 @@ from dataclasses import dataclass
 from minpro_megatron.config import RunConfig
 
 __all__ = ["ParamCounts", "count_parameters", "params_per_rank", "LearnerMemory", "estimate_learner_memory", "RolloutMemory",
-           "estimate_rollout_memory", "format_memory"]
+           "estimate_rollout_memory", "format_memory", "local_activation_terms", "logprob_transient_bytes",
+           "resolve_transformer_impl"]
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -105,7 +135,23 @@ def params_per_rank(cfg: RunConfig) -> dict[str, tuple[int, int]]:
     return {"first": (body + vocab, layers * expert), "last": (body + vocab + h, layers * expert)}
 
 
-def _activation_bytes_per_token_layer(cfg: RunConfig) -> int:
+LOSS_BYTES_PER_TOKEN = 22  # labels (int64), log-sum-exp, log-prob and entropy (fp32), two bool masks
+LOGPROB_CHUNK = 1024  # learner/logprobs.py DEFAULT_CHUNK
+
+
+def resolve_transformer_impl(cfg: RunConfig, transformer_impl: str | None = None) -> str:
+    """"local" or "transformer_engine": the explicit argument, else model.transformer_impl with auto meaning
+    TransformerEngine for a GPU plan (slurm.gpus_per_node > 0) and the local spec otherwise."""
+    impl = transformer_impl or cfg.model.transformer_impl
+    if impl == "auto":
+        impl = "transformer_engine" if cfg.slurm.gpus_per_node else "local"
+    if impl not in ("local", "transformer_engine"):
+        raise ValueError(f"transformer_impl={impl!r}: choose local, transformer_engine or auto")
+    return impl
+
+
+def _te_activation_bytes_per_token_layer(cfg: RunConfig) -> float:
+    """TransformerEngine / flash attention, 16-bit bytes before TP (module docstring)."""
     m = cfg.model
     h = m.hidden_size
     hd = m.head_dim or h // m.num_attention_heads
@@ -117,7 +163,60 @@ def _activation_bytes_per_token_layer(cfg: RunConfig) -> int:
             mlp += 6 * m.moe_shared_expert_intermediate_size
     else:
         mlp = 4 * h + 6 * m.ffn_hidden_size
-    return attention + mlp
+    return (attention + mlp) * DTYPE_BYTES[m.params_dtype] / 2
+
+
+def local_activation_terms(cfg: RunConfig) -> dict[str, float]:
+    """Bytes per token and layer the local spec saves for the backward, per module (before TP; "rope" is
+    not split by TP), term by term as the module docstring counts them."""
+    m = cfg.model
+    b = DTYPE_BYTES[m.params_dtype]
+    h = m.hidden_size
+    hd = m.head_dim or h // m.num_attention_heads
+    nq, ng = m.num_attention_heads, m.num_query_groups
+    q, kv = nq * hd, ng * hd
+    norm = (2 * h + 1) * b
+    terms = {
+        "input_layernorm": norm,
+        "linear_qkv": (h + q + 2 * kv) * b,  # its input + the fused qkv output (V is a view of it)
+        # Q is a view of the qkv output when a TP rank holds one KV group, else a reshaped copy
+        "q_layernorm": ((2 if ng // cfg.parallel.tensor > 1 else 1) * q + nq) * b if m.qk_layernorm else 0.0,
+        "k_layernorm": (kv + ng) * b if m.qk_layernorm else 0.0,
+        "rope": 4 * hd * b,
+        "core_attention": (2 * q + kv) * b + 4 * nq,
+        "pre_mlp_layernorm": norm,
+    }
+    if m.is_moe:
+        k, f = m.moe_router_topk, m.moe_ffn_hidden_size
+        terms["router"] = h * b + 12 * k
+        terms["dispatch"] = 8 * m.num_experts + 8 * k
+        terms["experts"] = k * (h + 6 * f) * b + 4 * k
+        if m.moe_shared_expert_intermediate_size:
+            terms["shared_expert"] = 5 * m.moe_shared_expert_intermediate_size * b
+    else:
+        terms["mlp"] = (h + 5 * m.ffn_hidden_size) * b
+    return terms
+
+
+def _activation_bytes_per_token_layer(cfg: RunConfig, impl: str) -> float:
+    """Bytes per token and layer on one rank (TP and sequence parallel applied)."""
+    tp = cfg.parallel.tensor
+    if impl == "transformer_engine":
+        return _te_activation_bytes_per_token_layer(cfg) / tp
+    terms = local_activation_terms(cfg)
+    return terms["rope"] + (sum(terms.values()) - terms["rope"]) / tp
+
+
+def logprob_transient_bytes(cfg: RunConfig, tokens: float) -> float:
+    """The chunked log-prob kernel's peak extra memory (learner/logprobs.py backward): fp32 logits and
+    probabilities of one chunk, the fp32 output-weight gradient (+ the fp32 weight copy for 16-bit models)
+    and the hidden states' gradient (the output layer sees all sequence-parallel tokens)."""
+    m = cfg.model
+    v_local = m.padded_vocab_size / cfg.parallel.tensor
+    b = DTYPE_BYTES[m.params_dtype]
+    chunk = min(LOGPROB_CHUNK, tokens)
+    weight = v_local * m.hidden_size * 4 * (1 if b == 4 else 2)
+    return 2 * chunk * v_local * 4 + weight + tokens * m.hidden_size * b
 
 
 @dataclass(frozen=True)
@@ -141,7 +240,10 @@ class LearnerMemory:
         return self.total <= self.gpu_memory
 
 
-def estimate_learner_memory(cfg: RunConfig, world_size: int) -> LearnerMemory:
+def estimate_learner_memory(cfg: RunConfig, world_size: int, transformer_impl: str | None = None) -> LearnerMemory:
+    """The worst pipeline stage's per-GPU bytes; ``transformer_impl`` (local / transformer_engine / auto,
+    default model.transformer_impl) picks the activation formula (resolve_transformer_impl)."""
+    impl = resolve_transformer_impl(cfg, transformer_impl)
     m, p, mem = cfg.model, cfg.parallel, cfg.slurm.memory
     pc = count_parameters(cfg)
     tp, pp, cp = p.tensor, p.pipeline, p.context
@@ -152,17 +254,23 @@ def estimate_learner_memory(cfg: RunConfig, world_size: int) -> LearnerMemory:
     counts = params_per_rank(cfg)
 
     tokens = cfg.train.micro_batch_size * mem.seq_len / cp
-    # the per-token formula counts 16-bit activations; an fp32 model keeps them in fp32 (twice the bytes)
-    per_token_layer = _activation_bytes_per_token_layer(cfg) / tp * DTYPE_BYTES[m.params_dtype] / 2
+    per_token_layer = _activation_bytes_per_token_layer(cfg, impl)
     if mem.recompute == "full":
-        act_first = tokens * (m.num_layers * 2 * m.hidden_size / tp + per_token_layer)
-        act_last = tokens * (layers * 2 * m.hidden_size / tp + per_token_layer)
+        layer_input = m.hidden_size * DTYPE_BYTES[m.params_dtype] / tp
+        act_first = tokens * (m.num_layers * layer_input + per_token_layer)
+        act_last = tokens * (layers * layer_input + per_token_layer)
     else:
         act_first = tokens * m.num_layers * per_token_layer  # 1F1B: pp micro-batches x L/pp layers
         act_last = tokens * layers * per_token_layer  # one micro-batch in flight
-    logits = tokens * m.vocab_size / tp * 4
+    extra_first = extra_last = 0.0
+    if impl == "local":  # outside the layers: the embedding's token ids; final norm, output-layer input, loss
+        h, b = m.hidden_size, DTYPE_BYTES[m.params_dtype]
+        extra_first = 8 * tokens
+        extra_last = tokens * ((2 * h + 1) * b / tp + h * b + LOSS_BYTES_PER_TOKEN)
+    logits = logprob_transient_bytes(cfg, tokens)
 
-    acts = {"only": (act_first, logits), "first": (act_first, 0.0), "last": (act_last, logits)}
+    acts = {"only": (act_first + extra_first + extra_last, logits), "first": (act_first + extra_first, 0.0),
+            "last": (act_last + extra_last, logits)}
     stages = {name: (*counts[name], *acts[name]) for name in counts}  # (non-expert, expert, activations, logits)
     pbytes = DTYPE_BYTES[m.params_dtype]
     gbytes = DTYPE_BYTES[mem.grad_dtype]
@@ -222,9 +330,9 @@ def _bytes(b: float) -> str:
     return f"{b / GiB:7.2f} GiB" if b >= GiB else f"{b / 2**20:7.2f} MiB"
 
 
-def format_memory(cfg: RunConfig, world_size: int) -> list[str]:
+def format_memory(cfg: RunConfig, world_size: int, transformer_impl: str | None = None) -> list[str]:
     pc = count_parameters(cfg)
-    est = estimate_learner_memory(cfg, world_size)
+    est = estimate_learner_memory(cfg, world_size, transformer_impl)
     mem = cfg.slurm.memory
     p = cfg.parallel
     dp = p.data_parallel_size(world_size)
@@ -236,9 +344,9 @@ def format_memory(cfg: RunConfig, world_size: int) -> list[str]:
         (f"parameters ({cfg.model.params_dtype})", est.parameters),
         (f"gradients ({mem.grad_dtype} main grads)", est.gradients),
         (f"optimizer (Adam states, sharded {shard})", est.optimizer),
-        (f"activations ({cfg.train.micro_batch_size} x {mem.seq_len} tokens, recompute {mem.recompute})",
-         est.activations),
-        ("logits (fp32, vocab / TP)", est.logits),
+        (f"activations ({cfg.train.micro_batch_size} x {mem.seq_len} tokens, recompute {mem.recompute}, "
+         f"{resolve_transformer_impl(cfg, transformer_impl)} layers)", est.activations),
+        ("log-prob chunks (fp32 logits, weight grad)", est.logits),
         ("overhead (CUDA, NCCL, allocator)", est.overhead),
     ]
     width = max(len(name) for name, _ in rows)

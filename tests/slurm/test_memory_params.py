@@ -75,8 +75,9 @@ def test_parameter_count_per_rank_equals_the_built_model(built) -> None:
 
 
 def test_float32_models_keep_float32_activations() -> None:
-    """The per-token activation formula counts 16-bit tensors; a float32 model keeps them in float32
-    (measured on the CPU: tools/bench_memory_estimate.py), so its activations are twice a bf16 model's."""
+    """The TransformerEngine activation formula (the GPU plan's) counts 16-bit tensors; a float32 model keeps
+    them in float32 (measured on the CPU: tools/bench_memory_estimate.py), so its activations are twice a
+    bf16 model's. The log-prob chunks are fp32 either way (slurm/memory.py logprob_transient_bytes)."""
     from minpro_megatron.slurm.memory import estimate_learner_memory
 
     bf16 = run_config("moe", {})
@@ -85,5 +86,8 @@ def test_float32_models_keep_float32_activations() -> None:
     fp32.model.params_dtype = "float32"
     a, b = estimate_learner_memory(bf16, 1), estimate_learner_memory(fp32, 1)
     assert b.activations == 2 * a.activations
-    assert b.logits == a.logits  # the log-prob logits are fp32 either way
+    # fp32 logits chunks either way; the hidden states' gradient has the model's dtype, and a bf16 model's
+    # log-prob kernel keeps an fp32 copy of the output weight
+    tokens, h = fp32.train.micro_batch_size * fp32.slurm.memory.seq_len, fp32.model.hidden_size
+    assert b.logits - a.logits == tokens * h * 2 - fp32.model.padded_vocab_size * h * 4
     assert b.parameters == 2 * a.parameters and b.gradients == a.gradients
