@@ -1,10 +1,12 @@
 """The post-sync log-prob probe of an in-flight weight update (``rollout.partial``), run in the background.
 
 With partial rollouts the servers resume the retracted run-ahead requests right after a weight sync, and
-the probe's 8 greedy tokens decode in the same batches, so a synchronous probe waits for most of that
+a greedy probe's 8 tokens decode in the same batches, so a synchronous probe waits for most of that
 generation (measured: ~8 s of a 9 s step on the embedded default). ``SGLangEngine.update_weights(...,
 defer_probe=True)`` (rollout/sglang_engine.py) therefore starts the server side of the probe here, on
-rank 0, and returns; ``SGLangEngine.check_deferred_probe`` joins it and compares with the learner, which
+rank 0, and returns; that probe is prefill-only (fixed tokens scored, none decoded: weights/verify.py
+``probe_token_ids(..., prefill=True)``), which SGLang runs ahead of the decode batches.
+``SGLangEngine.check_deferred_probe`` joins it and compares with the learner, which
 still holds the probed version then: the trainer calls it before the next update (the one that would
 train tokens of that version) and at the end of the run (train/trainer.py).
 

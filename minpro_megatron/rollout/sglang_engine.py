@@ -12,7 +12,9 @@
   continue, weight_version = str(step)). Then a probe: each server's greedy log-probs of a fixed prompt
   against the learner's own log-probs of the same tokens (max |diff| logged; rollout.verify_threshold
   turns it into a failure). With ``defer_probe`` (the trainer passes rollout.partial) the servers' side of
-  the probe runs in the background (rollout/deferred_probe.py) and ``check_deferred_probe`` finishes it.
+  the probe runs in the background (rollout/deferred_probe.py) and ``check_deferred_probe`` finishes it;
+  that probe is prefill-only (the prompt + a fixed continuation, scored, nothing decoded), so SGLang answers
+  it with one prefill ahead of the resumed rollouts' decode batches.
 """
 
 from __future__ import annotations
@@ -77,7 +79,10 @@ class SGLangEngine:
         from minpro_megatron.weights.quantize import RolloutQuantizer
 
         self.quantizer = RolloutQuantizer.from_config(cfg.rollout)  # None: full-precision rollouts
-        self.probe_prompt = [t for t in ([tokenizer.bos_token_id] + tokenizer.encode("12+34=", add_special_tokens=False)) if t is not None]
+        from minpro_megatron.weights.verify import probe_token_ids
+
+        self.probe_prompt = probe_token_ids(tokenizer)  # the greedy probe's prompt (a synchronous probe)
+        self.prefill_probe = probe_token_ids(tokenizer, prefill=True)  # the deferred probe's fixed tokens
         self.fleet = self.client = self.sync = None
         self._deferred: Any = None  # a DeferredProbe: the last sync's probe, not checked yet (rollout.partial)
         attach = bool(cfg.rollout.server_urls)
@@ -265,24 +270,28 @@ class SGLangEngine:
         if defer_probe:  # rollout.partial: the probe decodes behind the resumed rollouts; checked later
             from minpro_megatron.rollout.deferred_probe import DeferredProbe
 
-            self._deferred = DeferredProbe(version, pushed, self._sample_probe if self.rank == 0 else None)
+            self._deferred = DeferredProbe(version, pushed, (lambda: self._sample_probe(prefill=True)) if self.rank == 0 else None)
             return pushed
         worst = self._verify()
         return dataclasses.replace(pushed, verify_max_abs_logprob_diff=worst, verify_probed_servers=self.last_probed_servers)
 
-    def _probe(self) -> Any:
+    def _probe(self, prefill: bool = False) -> Any:
+        """The greedy probe (8 decoded tokens), or with ``prefill`` the prefill-only one (a deferred probe:
+        decode steps would wait in the resumed rollouts' batches). Same threshold; both are teacher-forced."""
         from minpro_megatron.weights.verify import LogprobProbe
 
+        if prefill:
+            return LogprobProbe(self.prefill_probe, max_new_tokens=0, threshold=self.cfg.rollout.verify_threshold)
         return LogprobProbe(self.probe_prompt, max_new_tokens=8, threshold=self.cfg.rollout.verify_threshold)
 
-    def _sample_probe(self) -> dict[str, tuple[list[int], list[float]]]:
-        """Rank 0: every admitted server's greedy probe."""
+    def _sample_probe(self, prefill: bool = False) -> dict[str, tuple[list[int], list[float]]]:
+        """Rank 0: every admitted server's probe (url -> (tokens, the server's log-probs of tokens[1:]))."""
         assert self.fleet is not None
-        return self._probe().sample(self.fleet.admitted_urls(), api_key=self.fleet.api_key)
+        return self._probe(prefill).sample(self.fleet.admitted_urls(), api_key=self.fleet.api_key)
 
     def check_deferred_probe(self) -> SyncStats | None:
         """Collective: finish the probe ``update_weights(defer_probe=True)`` started (None when none is
-        pending): wait for the servers' greedy tokens, score them with the learner (which must still hold
+        pending): wait for the servers' log-probs of the probe's tokens, score them with the learner (which must still hold
         that version) and compare. Returns the push's stats with the probe's fields; a probe over
         rollout.verify_threshold raises WeightVerificationError on every rank (``.sync_result``: those
         stats), as the synchronous probe does. A server that went away since the sync is skipped (the fleet
@@ -298,7 +307,7 @@ class SGLangEngine:
                 assert self.fleet is not None
                 if not self.fleet.servers_down():
                     raise
-                return self._sample_probe()
+                return self._sample_probe(prefill=True)
 
         from minpro_megatron.weights.verify import WeightVerificationError
 

@@ -3,6 +3,9 @@
 The server generates greedily from the probe prompt and returns the log-prob of every prompt token
 after the first and of every generated token (logprob_start_len=0). The reference is teacher-forced on
 the same token sequence, so a near-tie that changes the greedy token cannot produce a false alarm.
+``max_new_tokens=0`` makes it prefill-only: the server scores a fixed sequence (``probe_token_ids(tok,
+prefill=True)``) in one prefill, which SGLang runs ahead of busy decode batches (the deferred probe of
+rollout.partial, rollout/sglang_engine.py).
 
     probe = LogprobProbe(prompt_ids=[5, 6, 14, 7, 8, 17], max_new_tokens=8, threshold=1e-3)
     result = probe.run(server_urls, hf_logprob_reference(model))   # raises WeightVerificationError
@@ -24,7 +27,12 @@ import torch
 
 from minpro_megatron.serving.auth import bearer
 
-__all__ = ["LogprobReference", "ProbeResult", "LogprobProbe", "WeightVerificationError", "hf_logprob_reference", "server_probe_logprobs"]
+__all__ = ["LogprobReference", "ProbeResult", "LogprobProbe", "WeightVerificationError", "hf_logprob_reference",
+           "probe_token_ids", "server_probe_logprobs"]
+
+PROBE_PROMPT = "12+34="
+# The prefill-only probe's fixed continuation (any fixed tokens do: both sides score the same sequence)
+PREFILL_CONTINUATION = "46\n56+78=134\n"
 
 # tokens -> log p(tokens[t] | tokens[:t]) for t = 1 .. len(tokens)-1
 LogprobReference = Callable[[Sequence[int]], Sequence[float]]
@@ -56,7 +64,10 @@ class ProbeResult:
 def server_probe_logprobs(
     url: str, prompt_ids: Sequence[int], max_new_tokens: int, timeout_s: float = 120.0, api_key: str | None = None
 ) -> tuple[list[int], list[float]]:
-    """Greedy generation from ``prompt_ids``; returns (all tokens, log-probs of tokens[1:])."""
+    """Greedy generation from ``prompt_ids``; returns (all tokens, log-probs of tokens[1:]). With
+    ``max_new_tokens=0`` the request is prefill-only (SGLang 0.5.23 ``Req.is_prefill_only``): the tokens are
+    ``prompt_ids`` and the log-probs those of its input positions (logprob_start_len=0 also keeps SGLang from
+    reusing a cached prefix, so every position is computed with the current weights)."""
     body = {
         "input_ids": list(prompt_ids),
         "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True},
@@ -78,6 +89,14 @@ def server_probe_logprobs(
     tokens = list(prompt_ids) + [int(e[1]) for e in out]
     logprobs = [float(e[0]) for e in inp[1:]] + [float(e[0]) for e in out]  # inp[0] is null by definition
     return tokens, logprobs
+
+
+def probe_token_ids(tokenizer, prefill: bool = False) -> list[int]:
+    """The probe prompt (BOS + "12+34="); ``prefill``: followed by a fixed continuation, for a prefill-only
+    probe (``LogprobProbe(..., max_new_tokens=0)``): the server scores these tokens in one prefill, which
+    SGLang schedules ahead of its running decode batches, and generates nothing."""
+    text = PROBE_PROMPT + (PREFILL_CONTINUATION if prefill else "")
+    return [t for t in ([tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)) if t is not None]
 
 
 class LogprobProbe:
