@@ -333,7 +333,7 @@ class SGLangEngine:
         from minpro_megatron.weights.verify import LogprobProbe, ProbeResult
 
         version = self.version if version is None else version
-        probe = self._probe()
+        probe = self._probe(prefill=sampled is not None)  # the form that was sampled (compare uses its threshold)
         if sampled is None:
             probes = rank0_phase(f"probing the servers after the weight sync to step {version}", self._sample_probe) or {}
         else:

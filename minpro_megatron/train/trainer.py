@@ -185,9 +185,9 @@ class RLTrainer:
         With rollout.partial the push returns without its probe, which decodes behind the resumed rollouts:
         ``_check_probe`` finishes it before the next update."""
         step = self.rl_step
-        push = ((lambda: self.engine.update_weights(step, defer_probe=True)) if self.cfg.rollout.partial
-                else (lambda: self.engine.update_weights(step)))
-        return self._stop_tolerant(push, SyncStats(version=step), f"the weight sync to step {step}")
+        defer = self.cfg.rollout.partial
+        return self._stop_tolerant(lambda: self.engine.update_weights(step, defer_probe=defer), SyncStats(version=step),
+                                   f"the weight sync to step {step}")
 
     def _check_probe(self) -> None:
         """Finish the last sync's background probe (rollout.partial; a no-op otherwise) while the learner still

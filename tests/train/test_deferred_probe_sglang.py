@@ -49,10 +49,19 @@ def _run(argv: list[str], corrupt_at: int | None, crash_at: int | None = None) -
     from minpro_megatron.learner.distributed import destroy_distributed, init_distributed
     from minpro_megatron.rollout.deferred_probe import THREAD_NAME
     from minpro_megatron.train.trainer import RLTrainer
+    from minpro_megatron.weights import verify
+
+    sent = verify.server_probe_logprobs
+
+    def spy_probe(url, prompt_ids, max_new_tokens, *a, **k):  # the real request; records the form it takes
+        out["probe_max_new_tokens"].append(max_new_tokens)
+        return sent(url, prompt_ids, max_new_tokens, *a, **k)
+
+    verify.server_probe_logprobs = spy_probe
 
     cfg = load_config(argv[0], argv[1:])
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)
-    out: dict = {"trained_at": [], "error": None}
+    out: dict = {"trained_at": [], "error": None, "probe_max_new_tokens": []}
     try:
         trainer = RLTrainer(cfg)
         try:
@@ -136,6 +145,9 @@ def test_deferred_probes_are_all_checked_and_logged(tmp_path) -> None:
     assert all(r["sync/verify_max_abs_logprob_diff"] < 1e-4 and r["sync/verify_probed_servers"] == 1 for r in probed.values())
     waits = [r["time/probe_wait_s"] for r in rows if "time/probe_wait_s" in r]
     assert len(waits) == 3
+    # the start-up sync's probe is synchronous (greedy, 8 tokens); the three deferred ones are prefill-only, with
+    # no decode step to wait behind the resumed rollouts
+    assert result["probe_max_new_tokens"] == [8, 0, 0, 0], result["probe_max_new_tokens"]
     assert result["threads_left"] == []
 
 

@@ -56,10 +56,10 @@ def _train(argv: list[str], stop_file: str, fail: str | None, at: int, cancelled
             servers_gone("SGLang rollout")
         return finish(self, started)
 
-    def failing_update(self, version: int):
+    def failing_update(self, version: int, defer_probe: bool = False):
         if fail == "sync" and version == at:
             servers_gone(f"weight sync to step {version}")
-        return update_weights(self, version)
+        return update_weights(self, version, defer_probe)
 
     Rollouts.finish, LocalEngine.update_weights = failing_finish, failing_update
     return main(argv)
