@@ -136,7 +136,7 @@ def params_per_rank(cfg: RunConfig) -> dict[str, tuple[int, int]]:
 
 
 LOSS_BYTES_PER_TOKEN = 22  # labels (int64), log-sum-exp, log-prob and entropy (fp32), two bool masks
-LOGPROB_CHUNK = 1024  # learner/logprobs.py DEFAULT_CHUNK
+LOGPROB_CHUNK = 1024  # learner/logprobs.py DEFAULT_CHUNK (copied: no torch import here; a test keeps them equal)
 
 
 def resolve_transformer_impl(cfg: RunConfig, transformer_impl: str | None = None) -> str:

@@ -139,3 +139,12 @@ def test_auto_means_transformer_engine_for_a_gpu_plan() -> None:
     assert resolve_transformer_impl(cfg) == "transformer_engine"
     with pytest.raises(ValueError, match="transformer_impl"):
         estimate_learner_memory(cfg, 1, transformer_impl="fused")
+
+
+def test_the_estimate_uses_the_log_prob_kernels_chunk_size() -> None:
+    """slurm/memory.py keeps its own copy of the kernel's chunk size (the planner runs on login nodes without
+    torch); the two must not drift apart."""
+    from minpro_megatron.learner.logprobs import DEFAULT_CHUNK
+    from minpro_megatron.slurm.memory import LOGPROB_CHUNK
+
+    assert LOGPROB_CHUNK == DEFAULT_CHUNK
